@@ -1,0 +1,1 @@
+"""builder: a daemonless Dockerfile-to-OCI-image builder."""

@@ -1,0 +1,204 @@
+"""The wiring of a build: parse → resolve bases → plan → execute stages → image → outputs.
+
+The library entry point. It prints nothing itself: progress goes to the ``log`` it is handed,
+errors are raised as :class:`builder.errors.BuilderError`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from builder.buildcontext import BuildContext
+from builder.dockerfile import parse_dockerfile
+from builder.errors import BuilderError, DockerfileError, StoreError
+from builder.executor import BuildSettings, ImageState, Layer, StageExecutor
+from builder.layer import COMPRESSIONS
+from builder.layout import export_layout, write_layout_tar
+from builder.oci import (
+    CONFIG_MEDIA_TYPE,
+    canonical_json,
+    descriptor,
+    image_manifest,
+    new_image_config,
+    parse_reference,
+)
+from builder.plan import Plan, base_images, make_plan, platform_args
+from builder.snapshot import Snapshotter
+from builder.store import Store
+
+__all__ = ["BuildRequest", "BuildResult", "Output", "build", "host_arch", "plan_build", "resolve_image"]
+
+Json = dict[str, Any]
+Log = Callable[[str], None]
+_ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
+
+
+def host_arch() -> str:
+    """The host's architecture in OCI terms."""
+    machine = platform.machine()
+    return _ARCHES.get(machine, machine)
+
+
+@dataclass(frozen=True)
+class Output:
+    """Where the image goes: ``oci`` (a layout directory) or ``oci-archive`` (a tar)."""
+
+    kind: str
+    dest: Path
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    context: Path
+    dockerfile: Path | None = None  # default: CONTEXT/Dockerfile
+    tags: tuple[str, ...] = ()
+    build_args: Mapping[str, str] = field(default_factory=dict)
+    target: str | None = None
+    outputs: tuple[Output, ...] = ()
+    compression: str = "gzip"
+    compression_level: int | None = None
+    source_date_epoch: int | None = None
+    no_cache: bool = False
+
+    @property
+    def dockerfile_path(self) -> Path:
+        return self.dockerfile or self.context / "Dockerfile"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    manifest_digest: str
+    config_digest: str
+    executed: int  # steps that ran; 0 on a fully cached rebuild
+    unused_args: tuple[str, ...]
+
+
+def resolve_image(store: Store, ref: str) -> tuple[str, Json, Json]:
+    """A stored image by reference: (manifest digest, manifest, config)."""
+    try:
+        reference = parse_reference(ref)
+    except ValueError as exc:
+        raise StoreError(f"{exc}.") from exc
+    digest = reference.digest or store.get_tag(str(reference).split("@")[0])
+    if digest is None or not store.has_blob(digest):
+        raise StoreError(
+            f"the image {reference.familiar} is not in the store {store.root}; "
+            "load it first (builder load oci:DIR -t NAME)."
+        )
+    manifest = store.read_json(digest)
+    return digest, manifest, store.read_json(manifest["config"]["digest"])
+
+
+def _image_state(store: Store, ref: str) -> ImageState:
+    _, manifest, config = resolve_image(store, ref)
+    diff_ids = config["rootfs"]["diff_ids"]
+    layers = [Layer(diff_id, desc) for diff_id, desc in zip(diff_ids, manifest["layers"], strict=True)]
+    return ImageState(config, layers)
+
+
+def _epoch(request: BuildRequest) -> int | None:
+    if request.source_date_epoch is not None:
+        return request.source_date_epoch
+    text = request.build_args.get("SOURCE_DATE_EPOCH") or os.environ.get("SOURCE_DATE_EPOCH")
+    if not text:
+        return None
+    if not text.isdigit():
+        raise BuilderError(f"SOURCE_DATE_EPOCH={text!r} is not a whole number of seconds.")
+    return int(text)
+
+
+def plan_build(request: BuildRequest, store: Store) -> tuple[Plan, dict[str, ImageState]]:
+    """Parse the Dockerfile and plan it against the base images in the store."""
+    path = request.dockerfile_path
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DockerfileError(f"cannot read the Dockerfile: {exc.strerror}", filename=str(path)) from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DockerfileError(f"is not UTF-8 text (byte {exc.start})", filename=str(path)) from exc
+    dockerfile = parse_dockerfile(text, str(path))
+    auto_args = platform_args("linux", host_arch())
+    images = {ref: _image_state(store, ref) for ref in base_images(dockerfile, request.build_args, auto_args)}
+    plan = make_plan(
+        dockerfile,
+        base_configs={ref: state.config for ref, state in images.items()},
+        build_args=request.build_args,
+        auto_args=auto_args,
+        target=request.target,
+    )
+    for ref in plan.images:
+        if ref not in images:
+            images[ref] = _image_state(store, ref)
+    return plan, images
+
+
+def build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
+    """Build the image the request describes, tag it in the store and write its outputs."""
+    if request.compression not in COMPRESSIONS:
+        raise BuilderError(
+            f"unknown compression {request.compression!r}; choose one of {', '.join(sorted(COMPRESSIONS))}."
+        )
+    settings = BuildSettings(
+        compression=COMPRESSIONS[request.compression],
+        level=request.compression_level,
+        epoch=_epoch(request),
+        no_cache=request.no_cache,
+        dockerfile=str(request.dockerfile_path),
+    )
+    plan, images = plan_build(request, store)
+    context = BuildContext.load(request.context, request.dockerfile_path)
+    snapshots = Snapshotter(store)
+    results: dict[int | str, ImageState] = dict(images.items())
+    with store.workdir() as workdir:
+        executor = StageExecutor(store, snapshots, context, settings, workdir, log)
+        for index in plan.order:
+            stage = plan.stages[index]
+            if stage.base_stage is not None:
+                base = results[stage.base_stage]
+            elif stage.base_image is not None:
+                base = images[stage.base_image]
+            else:
+                base = ImageState(new_image_config(host_arch()))
+            results[index] = executor.run_stage(stage, base, results)
+    final = results[plan.target]
+    manifest_digest, config_digest = _store_image(store, final)
+    names = [parse_reference(tag) for tag in request.tags]
+    for ref in names:
+        store.set_tag(str(ref), manifest_digest)
+    pairs = [(str(ref), ref.tag or "latest") for ref in names]
+    for output in request.outputs:
+        _write_output(store, manifest_digest, output, pairs)
+    return BuildResult(manifest_digest, config_digest, executor.executed, plan.unused_args)
+
+
+def _store_image(store: Store, state: ImageState) -> tuple[str, str]:
+    config = dict(state.config)
+    config.pop("id", None)
+    config_bytes = canonical_json(config)
+    config_digest = store.write_blob(config_bytes)
+    manifest = image_manifest(
+        descriptor(CONFIG_MEDIA_TYPE, config_bytes), [dict(layer.blob) for layer in state.layers]
+    )
+    return store.write_blob(canonical_json(manifest)), config_digest
+
+
+def _write_output(store: Store, manifest_digest: str, output: Output, names: list[tuple[str, str]]) -> None:
+    try:
+        if output.kind == "oci":
+            export_layout(store, manifest_digest, output.dest, names)
+        elif output.kind == "oci-archive":
+            tmp = output.dest.with_name(output.dest.name + ".tmp")
+            with tmp.open("wb") as file:
+                write_layout_tar(store, manifest_digest, file, names)
+            os.replace(tmp, output.dest)
+        else:
+            raise BuilderError(f"unknown output type {output.kind!r}; use oci or oci-archive.")
+    except OSError as exc:
+        raise BuilderError(f"cannot write the output {output.dest}: {exc.strerror}.") from exc

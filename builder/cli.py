@@ -1,0 +1,168 @@
+"""The command line: the one place that prints errors and picks exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from builder.build import BuildRequest, Output, build, plan_build, resolve_image
+from builder.errors import BuilderError
+from builder.layout import import_layout
+from builder.oci import parse_reference
+from builder.store import Store, default_root
+
+__all__ = ["main"]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _store_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="store root (default: $BUILDER_ROOT or /var/lib/builder)",
+    )
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, eq, value = text.partition("=")
+    if not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    if not eq:
+        value = os.environ.get(key, "")
+    return key, value
+
+
+def _output(text: str) -> tuple[str, Path]:
+    fields = dict(part.partition("=")[::2] for part in text.split(","))
+    kind, dest = fields.get("type", ""), fields.get("dest", "")
+    if kind == "oci" and dest.endswith(".tar"):
+        kind = "oci-archive"
+    if kind not in ("oci", "oci-archive") or not dest:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected type=oci,dest=DIR or type=oci,dest=FILE.tar or type=oci-archive,dest=FILE"
+        )
+    return kind, Path(dest)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="builder", description="Build OCI images from Dockerfiles.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    build = commands.add_parser("build", help="build an image from a Dockerfile")
+    build.add_argument("context", type=Path, help="the build context directory")
+    build.add_argument("-f", "--file", type=Path, help="the Dockerfile (default: CONTEXT/Dockerfile)")
+    build.add_argument("-t", "--tag", action="append", default=[], help="name:tag to give the image")
+    build.add_argument("--build-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE")
+    build.add_argument("--target", help="the stage to build (default: the last)")
+    build.add_argument(
+        "-o", "--output", action="append", type=_output, default=[], metavar="type=oci,dest=DIR"
+    )
+    build.add_argument("--compression", default="gzip", help="layer compression: gzip, zstd or uncompressed")
+    build.add_argument("--compression-level", type=int, help="compression level")
+    build.add_argument("--source-date-epoch", type=int, help="timestamps for a reproducible image")
+    build.add_argument("--no-cache", action="store_true", help="run every step, ignoring the cache")
+    build.add_argument("--print", choices=["plan"], dest="print_what", help="print the build plan and stop")
+    build.add_argument("-q", "--quiet", action="store_true", help="print only the image digest")
+    _store_args(build)
+
+    load = commands.add_parser("load", help="import an image from an OCI layout or archive")
+    load.add_argument("source", help="oci:DIR[:TAG] or oci-archive:FILE[:TAG]")
+    load.add_argument("-t", "--tag", action="append", default=[], help="name:tag to give the image")
+    _store_args(load)
+
+    images = commands.add_parser("images", help="list the images in the store")
+    _store_args(images)
+
+    inspect = commands.add_parser("inspect", help="print an image's config")
+    inspect.add_argument("image")
+    _store_args(inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except BuilderError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+
+    store = Store.open(args.root or default_root())
+    handler = {"build": _build, "load": _load, "images": _images, "inspect": _inspect}[args.command]
+    return handler(args, store)
+
+
+def _build(args: argparse.Namespace, store: Store) -> int:
+
+    request = BuildRequest(
+        context=args.context,
+        dockerfile=args.file,
+        tags=tuple(args.tag),
+        build_args=dict(args.build_arg),
+        target=args.target,
+        outputs=tuple(Output(kind, dest) for kind, dest in args.output),
+        compression=args.compression,
+        compression_level=args.compression_level,
+        source_date_epoch=args.source_date_epoch,
+        no_cache=args.no_cache,
+    )
+    if args.print_what == "plan":
+        plan, _ = plan_build(request, store)
+        print(json.dumps(plan.to_json(), indent=2, sort_keys=True))
+        return 0
+    log = (lambda _line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    result = build(request, store, log)
+    for name in result.unused_args:
+        print(f"warning: build arg {name} is not consumed by any ARG", file=sys.stderr)
+    if not args.quiet:
+        print(f"image {result.manifest_digest} ({result.executed} steps run)", file=sys.stderr)
+    print(result.manifest_digest)
+    return 0
+
+
+def _load(args: argparse.Namespace, store: Store) -> int:
+
+    transport, _, location = args.source.partition(":")
+    if transport not in ("oci", "oci-archive") or not location:
+        raise BuilderError(f"{args.source!r}: expected oci:DIR[:TAG] or oci-archive:FILE[:TAG].")
+    path, _, select = location.partition(":")
+    digest, _, _ = import_layout(store, Path(path), archive=transport == "oci-archive", select=select or None)
+    for tag in args.tag:
+        try:
+            store.set_tag(str(parse_reference(tag)), digest)
+        except ValueError as exc:
+            raise BuilderError(f"{exc}.") from exc
+    print(digest)
+    return 0
+
+
+def _images(args: argparse.Namespace, store: Store) -> int:
+
+    for name, digest in store.tags().items():
+        print(f"{name}\t{digest}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace, store: Store) -> int:
+
+    digest, manifest, config = resolve_image(store, args.image)
+    print(json.dumps({"digest": digest, "manifest": manifest, "config": config}, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

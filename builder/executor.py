@@ -1,0 +1,324 @@
+"""Run a planned stage: cache lookups, RUN in the sandbox, COPY and WORKDIR through overlay.
+
+Each filesystem step gets a cache key from the parent key, the step's semantic fields and the
+content digests of its inputs (recipe versioned below). A hit reuses the recorded result
+without mounting anything; a miss mounts the layers, runs the step, diffs the upper dir into a
+layer (or none, when nothing changed) and records the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from builder.buildcontext import BuildContext
+from builder.digest import sha256_digest
+from builder.errors import BuilderError, ContextError, StepFailed
+from builder.fscopy import CopySource, copy_sources, make_dirs, parse_chmod, walk_tree
+from builder.layer import Compression, write_layer
+from builder.oci import canonical_json, format_time
+from builder.plan import ConfigStep, CopyStep, RunStep, Stage, Step, WorkdirStep
+from builder.rootpath import resolve_in_root
+from builder.sandbox import SandboxSpec, run_sandboxed
+from builder.snapshot import Mounted, Snapshotter
+from builder.store import Store
+from builder.users import Identity, resolve_chown, resolve_user
+
+__all__ = ["BuildSettings", "ImageState", "Layer", "StageExecutor"]
+
+# Bump when the meaning of a key changes: every user's cache is invalidated, so rarely.
+CACHE_RECIPE = "builder-cache-v1"
+HISTORY_COMMENT = "builder.dockerfile.v0"
+_NON_SEMANTIC = frozenset({"line", "created_by"})
+
+_ROOT = Identity(0, 0)
+Json = dict[str, Any]
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Layer:
+    diff_id: str
+    blob: Json  # the OCI descriptor of its compressed blob
+
+
+@dataclass
+class ImageState:
+    """An image being built: its full config document and its layers, bottom first."""
+
+    config: Json
+    layers: list[Layer] = field(default_factory=list)
+
+    @property
+    def diff_ids(self) -> list[str]:
+        return [layer.diff_id for layer in self.layers]
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    compression: Compression
+    level: int | None
+    epoch: int | None  # SOURCE_DATE_EPOCH: clamps file times, fixes history times
+    no_cache: bool
+    dockerfile: str  # the Dockerfile's name, for messages
+
+
+class StageExecutor:
+    """Runs stages of one build; owns nothing but what it is handed."""
+
+    def __init__(
+        self,
+        store: Store,
+        snapshots: Snapshotter,
+        context: BuildContext,
+        settings: BuildSettings,
+        workdir: Path,
+        log: Log,
+    ) -> None:
+        self.store = store
+        self.snapshots = snapshots
+        self.context = context
+        self.settings = settings
+        self.workdir = workdir
+        self.log = log
+        self.executed = 0  # steps that ran (not served from the cache)
+
+    def run_stage(
+        self, stage: Stage, base: ImageState, sources: Mapping[int | str, ImageState]
+    ) -> ImageState:
+        """Build ``stage`` on ``base``; ``sources`` holds the stages and images COPY --from reads."""
+        state = ImageState(dict(base.config), list(base.layers))
+        history = list(state.config.get("history") or [])
+        parent = sha256_digest(canonical_json({"recipe": CACHE_RECIPE, "base": state.diff_ids}))
+        created = self._base_time(base)
+        total = len(stage.steps)
+        for number, step in enumerate(stage.steps, 1):
+            label = f"[{stage.name or f'stage-{stage.index}'} {number}/{total}] {step.created_by}"
+            if isinstance(step, ConfigStep):
+                history.append(self._history(step, created, empty=True))
+                continue
+            key = self._key(parent, step, state, sources)
+            record = None if self.settings.no_cache else self._cached(key)
+            if record is None:
+                self.log(f"{label}")
+                started = time.monotonic()
+                record = self._execute(step, state, sources)
+                self.store.put_cache(key, record)
+                self.executed += 1
+                self.log(f"  done in {time.monotonic() - started:.2f}s")
+            else:
+                self.log(f"{label}  CACHED")
+            created = float(record["created"])
+            if record["layer"] is not None:
+                state.layers.append(Layer(record["layer"]["diff_id"], record["layer"]["blob"]))
+            history.append(self._history(step, created, empty=record["layer"] is None))
+            parent = key
+        state.config["config"] = stage.config
+        if stage.author is not None:
+            state.config["author"] = stage.author
+        state.config["history"] = history
+        state.config["rootfs"] = {"type": "layers", "diff_ids": state.diff_ids}
+        state.config["created"] = format_time(created)
+        return state
+
+    def _base_time(self, base: ImageState) -> float:
+        if self.settings.epoch is not None:
+            return float(self.settings.epoch)
+        text = base.config.get("created")
+        if isinstance(text, str):
+            try:
+                return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                pass
+        return 0.0
+
+    def _history(self, step: Step, created: float, *, empty: bool) -> Json:
+        entry: Json = {
+            "created": format_time(self.settings.epoch if self.settings.epoch is not None else created),
+            "created_by": step.created_by,
+            "comment": HISTORY_COMMENT,
+        }
+        if empty:
+            entry["empty_layer"] = True
+        return entry
+
+    # cache
+
+    def _key(
+        self, parent: str, step: Step, state: ImageState, sources: Mapping[int | str, ImageState]
+    ) -> str:
+        fields = {k: v for k, v in dataclasses.asdict(step).items() if k not in _NON_SEMANTIC}
+        inputs: Json = {"kind": type(step).__name__, "epoch": self.settings.epoch}
+        if isinstance(step, CopyStep):
+            inputs["sources"] = self._source_digest(step, sources)
+        return sha256_digest(
+            canonical_json({"recipe": CACHE_RECIPE, "parent": parent, "step": fields, "inputs": inputs})
+        )
+
+    def _source_digest(self, step: CopyStep, sources: Mapping[int | str, ImageState]) -> Any:
+        origin = self._origin(step, sources)
+        if origin is not None:
+            return origin.diff_ids  # a stage's or image's content is named by its layers
+        matched = [s for pattern in step.sources for s in self._match(step, pattern)]
+        return self.context.digest(matched)
+
+    def _cached(self, key: str) -> Json | None:
+        """A recorded result whose layer is still in the store, or None."""
+        record = self.store.get_cache(key)
+        if record is None or "created" not in record or "layer" not in record:
+            return None
+        layer = record["layer"]
+        if layer is not None and not self.store.has_blob(str(layer.get("blob", {}).get("digest"))):
+            return None
+        return record
+
+    # execution
+
+    def _execute(self, step: Step, state: ImageState, sources: Mapping[int | str, ImageState]) -> Json:
+        now = time.time()
+        with self.snapshots.mount(state.diff_ids, self.workdir, writable=True) as mounted:
+            if isinstance(step, RunStep):
+                self._run(step, mounted)
+            elif isinstance(step, CopyStep):
+                self._copy(step, mounted, sources)
+            elif isinstance(step, WorkdirStep):
+                self._mkdir(step, mounted)
+        assert mounted.upper is not None
+        try:
+            layer = self._commit(mounted.upper, state)
+        finally:
+            shutil.rmtree(mounted.upper.parent, ignore_errors=True)
+        return {"created": now, "layer": layer}
+
+    def _commit(self, upper: Path, state: ImageState) -> Json | None:
+        lowers = [self.snapshots.path(d) for d in reversed(state.diff_ids)]
+        settings = self.settings
+        with self.store.blob_writer() as writer:
+            blob = write_layer(
+                upper,
+                lowers,
+                writer.file,
+                compression=settings.compression,
+                level=settings.level,
+                epoch=settings.epoch,
+            )
+            if blob is None:
+                return None
+            writer.commit_hashed(blob.digest)
+        desc = {"mediaType": blob.media_type, "digest": blob.digest, "size": blob.size}
+        self.store.add_layer_blob(blob.diff_id, desc)
+        self.snapshots.commit(blob.diff_id, upper)
+        return {"diff_id": blob.diff_id, "blob": desc}
+
+    def _fail(self, step: Step, message: str) -> BuilderError:
+        return StepFailed(f"{self.settings.dockerfile}:{step.line}: {message}")
+
+    def _run(self, step: RunStep, mounted: Mounted) -> None:
+        try:
+            identity = resolve_user(mounted.merged, step.user)
+        except BuilderError as exc:
+            raise self._fail(step, str(exc)) from exc
+        spec = SandboxSpec(
+            root=str(mounted.merged),
+            argv=step.argv,
+            env=step.env,
+            cwd=step.workdir,
+            uid=identity.uid,
+            gid=identity.gid,
+            groups=identity.groups,
+            network="none" if step.network == "none" else "host",
+        )
+        sys.stdout.flush()
+        status = run_sandboxed(spec, stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno())
+        if status != 0:
+            command = " ".join(step.argv)
+            what = "could not be started" if status == 125 else f"exited with status {status}"
+            raise self._fail(step, f"RUN {command!r} {what}.")
+
+    def _origin(self, step: CopyStep, sources: Mapping[int | str, ImageState]) -> ImageState | None:
+        if step.from_stage is not None:
+            return sources[step.from_stage]
+        if step.from_image is not None:
+            return sources[step.from_image]
+        return None
+
+    def _match(self, step: CopyStep, pattern: str) -> list[Any]:
+        try:
+            matched = self.context.match(pattern)
+        except ContextError as exc:
+            raise self._fail(step, str(exc)) from exc
+        if not matched:
+            raise self._fail(
+                step,
+                f"COPY source {pattern!r} is not in the build context (or .dockerignore excludes it).",
+            )
+        return matched
+
+    def _copy(self, step: CopyStep, mounted: Mounted, sources: Mapping[int | str, ImageState]) -> None:
+        try:
+            owner = resolve_chown(mounted.merged, step.chown) if step.chown else None
+            chmod = parse_chmod(step.chmod) if step.chmod else None
+        except BuilderError as exc:
+            raise self._fail(step, str(exc)) from exc
+        into_dir = step.dest.endswith("/") or len(step.sources) + len(step.inline) > 1
+        into_dir = into_dir or any(ch in p for p in step.sources for ch in "*?[")
+        origin = self._origin(step, sources)
+        try:
+            if step.inline:
+                self._copy_inline(step, mounted, owner, chmod, into_dir)
+            if origin is None:
+                found = [s for pattern in step.sources for s in self._match(step, pattern)]
+                items = [
+                    CopySource(s.path, s.path.name, (lambda s=s: self.context.walk(s)))  # type: ignore[misc]
+                    for s in found
+                ]
+                copy_sources(
+                    items,
+                    mounted.merged,
+                    step.dest,
+                    into_dir=into_dir,
+                    owner=owner or _ROOT,
+                    chmod=chmod,
+                )
+                return
+            with self.snapshots.mount(origin.diff_ids, self.workdir, writable=False) as src:
+                items = [self._stage_source(step, src.merged, pattern) for pattern in step.sources]
+                copy_sources(items, mounted.merged, step.dest, into_dir=into_dir, owner=owner, chmod=chmod)
+        except (OSError, ContextError) as exc:
+            raise self._fail(step, f"COPY failed: {exc}") from exc
+
+    def _stage_source(self, step: CopyStep, root: Path, pattern: str) -> CopySource:
+        path = resolve_in_root(root, pattern)
+        if not path.exists() and not path.is_symlink():
+            raise self._fail(step, f"COPY --from source {pattern!r} does not exist in that stage or image.")
+        return CopySource(path, path.name, lambda: walk_tree(path))
+
+    def _copy_inline(
+        self,
+        step: CopyStep,
+        mounted: Mounted,
+        owner: Identity | None,
+        chmod: int | None,
+        into_dir: bool,
+    ) -> None:
+        staging = Path(self.workdir) / "heredocs" / str(step.line)
+        staging.mkdir(parents=True, exist_ok=True)
+        items = []
+        for name, content in step.inline:
+            (staging / name).write_text(content)
+            (staging / name).chmod(0o644)
+            items.append(CopySource(staging / name, name, lambda: iter(())))
+        copy_sources(items, mounted.merged, step.dest, into_dir=into_dir, owner=owner or _ROOT, chmod=chmod)
+
+    def _mkdir(self, step: WorkdirStep, mounted: Mounted) -> None:
+        try:
+            make_dirs(mounted.merged, step.path, _ROOT)
+        except (OSError, ContextError) as exc:
+            raise self._fail(step, f"WORKDIR {step.path} cannot be created: {exc}") from exc

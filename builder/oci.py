@@ -1,0 +1,147 @@
+"""OCI image documents as data: media types, descriptors, configs, manifests, references.
+
+Pure: no I/O, no clock. Every document is serialised by :func:`canonical_json`, so the same
+content always has the same digest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from builder.digest import sha256_digest
+
+__all__ = [
+    "CONFIG_MEDIA_TYPE",
+    "INDEX_MEDIA_TYPE",
+    "MANIFEST_MEDIA_TYPE",
+    "Reference",
+    "canonical_json",
+    "descriptor",
+    "format_time",
+    "image_manifest",
+    "new_image_config",
+    "parse_reference",
+]
+
+MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
+INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
+CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
+DOCKER_MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
+
+Json = dict[str, Any]
+
+
+def canonical_json(document: Any) -> bytes:
+    """Sorted keys, no insignificant white space, UTF-8: one byte string per document."""
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def descriptor(
+    media_type: str, data_or_digest: bytes | str, size: int | None = None, **annotations: str
+) -> Json:
+    """An OCI content descriptor, for raw bytes or for a digest and size already known."""
+    if isinstance(data_or_digest, bytes):
+        digest, size = sha256_digest(data_or_digest), len(data_or_digest)
+    else:
+        digest = data_or_digest
+    desc: Json = {"mediaType": media_type, "digest": digest, "size": size}
+    if annotations:
+        desc["annotations"] = dict(sorted(annotations.items()))
+    return desc
+
+
+def format_time(epoch: float) -> str:
+    """RFC 3339 in UTC, as Docker writes it (seconds precision when the time is whole)."""
+    moment = datetime.fromtimestamp(epoch, UTC)
+    if moment.microsecond:
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_image_config(architecture: str, os_name: str = "linux") -> Json:
+    """The config of an empty (scratch) image."""
+    return {
+        "architecture": architecture,
+        "os": os_name,
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": []},
+        "history": [],
+    }
+
+
+def image_manifest(config: Json, layers: list[Json], annotations: dict[str, str] | None = None) -> Json:
+    """An OCI image manifest; ``config`` is the config's descriptor."""
+    manifest: Json = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_MEDIA_TYPE,
+        "config": config,
+        "layers": layers,
+    }
+    if annotations:
+        manifest["annotations"] = dict(sorted(annotations.items()))
+    return manifest
+
+
+_NAME_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REFERENCE = re.compile(
+    rf"(?P<name>{_NAME_COMPONENT}(?:/{_NAME_COMPONENT})*"
+    r"|[A-Za-z0-9.-]+(?::[0-9]+)?(?:/" + _NAME_COMPONENT + ")+)"
+    r"(?::(?P<tag>[\w][\w.-]{0,127}))?"
+    r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?"
+)
+DEFAULT_REGISTRY = "docker.io"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """An image reference, normalised as Docker normalises it."""
+
+    registry: str
+    repository: str
+    tag: str | None
+    digest: str | None
+
+    @property
+    def name(self) -> str:
+        """registry/repository, the key tags live under."""
+        return f"{self.registry}/{self.repository}"
+
+    def __str__(self) -> str:
+        text = self.name
+        if self.tag:
+            text += f":{self.tag}"
+        if self.digest:
+            text += f"@{self.digest}"
+        return text
+
+    @property
+    def familiar(self) -> str:
+        """The short form a user writes (``busybox:latest``, ``example.com/app:1``)."""
+        name = self.repository if self.registry == DEFAULT_REGISTRY else self.name
+        name = name.removeprefix("library/") if self.registry == DEFAULT_REGISTRY else name
+        return name + (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
+
+
+def parse_reference(text: str) -> Reference:
+    """Parse ``name[:tag][@digest]``; a bare name gets ``:latest``. Raises ValueError."""
+    match = _REFERENCE.fullmatch(text)
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not a valid image reference (expected name[:tag][@sha256:digest], lower-case name)"
+        )
+    name, tag, digest = match["name"], match["tag"], match["digest"]
+    first, _, rest = name.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        registry, repository = first, rest
+    else:
+        registry, repository = DEFAULT_REGISTRY, name
+        if "/" not in repository:
+            repository = f"library/{repository}"
+    if tag is None and digest is None:
+        tag = "latest"
+    return Reference(registry, repository, tag, digest)

@@ -1,0 +1,664 @@
+"""Run one RUN step's command in a sandbox whose root is switched onto the step's overlay.
+
+Standard library only, and nothing imported from the builder package: the builder runs this file
+as a script (``python3 -I sandbox.py -`` with the spec as JSON on stdin), and a failed step can be
+replayed by hand with the command line that ``SandboxSpec.describe()`` prints.
+
+Processes, as root::
+
+    builder ── run_sandboxed() ── script: new PID, UTS, IPC (and net) namespaces, host mount view
+                                    └── init: PID 1, own mount namespace, mounts, pivot_root, exec
+
+Init makes every mount in a mount namespace of its own. The script keeps the host's view of the
+root, with nothing mounted on top, so once init is gone it can remove the mount-point stubs it
+created there (/proc, /etc/hosts, ...) and the step's layer does not show them.
+
+Exit status: the command's own, 128+N when a signal killed it, 126/127 when it cannot be executed
+or found (as a shell does), and ``SETUP_FAILED`` (125) when the sandbox itself could not be set up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import fcntl
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import IO, Any, NoReturn
+
+__all__ = ["SETUP_FAILED", "BindMount", "SandboxSpec", "main", "run_sandboxed"]
+
+SETUP_FAILED = 125  # like `docker run`: the sandbox failed, not the command
+_NOT_EXECUTABLE = 126
+_NOT_FOUND = 127
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_NETWORKS = ("host", "none")
+_SCRIPT = os.path.abspath(__file__)
+_STOP_TIMEOUT = 10.0  # seconds the script gets to kill the command and clean up after SIGTERM
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 1024, 2048, 4096, 16384
+MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 1 << 18, 1 << 21, 1 << 24
+MNT_DETACH = 2
+PR_SET_PDEATHSIG = 1
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+# glibc has no pivot_root() wrapper; the syscall number is per architecture.
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+
+# The host devices a build may use; bind-mounted over empty files in a fresh tmpfs /dev.
+_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+_DEV_LINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("ptmx", "pts/ptmx"),
+)
+_ETC_FILES = ("hosts", "resolv.conf", "hostname")
+# Remounting a bind read-only must repeat the flags the kernel locks on the source mount.
+_LOCKED_FLAGS = (
+    (os.ST_NOSUID, MS_NOSUID),
+    (os.ST_NODEV, MS_NODEV),
+    (os.ST_NOEXEC, MS_NOEXEC),
+    (os.ST_NOATIME, MS_NOATIME),
+    (os.ST_NODIRATIME, MS_NODIRATIME),
+    (os.ST_RELATIME, MS_RELATIME),
+)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p,) * 3 + (ctypes.c_ulong, ctypes.c_char_p)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+_libc.unshare.argtypes = (ctypes.c_int,)
+_libc.sethostname.argtypes = (ctypes.c_char_p, ctypes.c_size_t)
+_libc.prctl.argtypes = (ctypes.c_int,) + (ctypes.c_ulong,) * 4
+
+
+@dataclass(frozen=True)
+class BindMount:
+    """A host path mounted into the container (the future ``RUN --mount=type=bind|cache``)."""
+
+    source: str  # host path
+    target: str  # absolute path inside the container
+    readonly: bool = True
+
+    def __post_init__(self) -> None:
+        _expect(_is_abs(self.source), f"bind source {self.source!r} must be an absolute path")
+        _expect(_is_abs(self.target), f"bind target {self.target!r} must be an absolute path")
+        _expect(isinstance(self.readonly, bool), "bind readonly must be true or false")
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything one sandboxed command needs; JSON-serialisable so the script can take it."""
+
+    root: str  # host path of the merged overlay dir, already mounted by the caller
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]  # the complete environment, in order
+    cwd: str = "/"  # inside the container; created (root-owned, 0755) if missing
+    uid: int = 0
+    gid: int = 0
+    groups: tuple[int, ...] = ()  # supplementary groups
+    hostname: str = "builder"
+    network: str = "host"  # "host" | "none" (a new namespace with only lo, up)
+    hosts: str = ""  # content of /etc/hosts; "" = localhost lines and the hostname
+    resolv_conf: str = ""  # content of /etc/resolv.conf; "" = a copy of the host's
+    binds: tuple[BindMount, ...] = ()
+
+    def __post_init__(self) -> None:
+        texts = (self.root, self.cwd, self.hostname, self.network, self.hosts, self.resolv_conf)
+        _expect(all(isinstance(text, str) for text in texts), "text fields must be strings")
+        _expect(_is_abs(self.root) and _is_abs(self.cwd), "root and cwd must be absolute paths")
+        _expect(_is_strings(self.argv) and bool(self.argv), "argv must be a non-empty string list")
+        pairs = isinstance(self.env, tuple) and all(
+            isinstance(pair, tuple) and len(pair) == 2 and _is_strings(pair) for pair in self.env
+        )
+        _expect(pairs, "env must be a list of [name, value] string pairs")
+        names = [name for name, _ in self.env]
+        _expect(all(name and "=" not in name for name in names), "env names need no '='")
+        _expect(len(set(names)) == len(names), "env names must be unique")
+        ids = isinstance(self.groups, tuple) and all(
+            type(n) is int and n >= 0 for n in (self.uid, self.gid, *self.groups)
+        )
+        _expect(ids, "uid, gid and groups must be non-negative integers")
+        _expect(0 < len(self.hostname.encode()) <= 64, "hostname must be 1 to 64 bytes")
+        _expect(self.network in _NETWORKS, f"network must be one of {', '.join(_NETWORKS)}")
+        binds = isinstance(self.binds, tuple)
+        _expect(binds and all(isinstance(b, BindMount) for b in self.binds), "bad binds")
+        if not self.hosts:
+            object.__setattr__(self, "hosts", _default_hosts(self.hostname))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> SandboxSpec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"invalid sandbox spec: not JSON ({e}).") from None
+        _expect(isinstance(data, dict), "the spec must be a JSON object")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        _expect(not unknown, f"unknown fields {', '.join(unknown)}")
+        # JSON has lists where the spec has tuples (and dicts where it has BindMounts).
+        convert: dict[str, Callable[[list[Any]], object]] = {
+            "argv": tuple,
+            "groups": tuple,
+            "env": _pairs,
+            "binds": _bind_mounts,
+        }
+        try:
+            for name, to_tuple in convert.items():
+                if isinstance(data.get(name), list):
+                    data[name] = to_tuple(data[name])
+            return cls(**data)
+        except TypeError as e:
+            raise ValueError(f"invalid sandbox spec: {e}.") from None
+
+    def describe(self) -> str:
+        """A shell command line that replays this step by hand (as root, root still mounted)."""
+        return shlex.join([sys.executable or "python3", "-I", _SCRIPT, "--json", self.to_json()])
+
+
+def run_sandboxed(
+    spec: SandboxSpec,
+    *,
+    stdout: int | IO[Any] | None = None,
+    stderr: int | IO[Any] | None = None,
+    python: str = sys.executable,
+) -> int:
+    """Run spec in a subprocess (this file as a script) and return the exit status (128+signal
+    when killed). Kills the whole process tree and re-raises on any exception, including
+    KeyboardInterrupt.
+
+    ``-I`` keeps the builder package's own modules (the script's directory) off ``sys.path``.
+    A new session keeps a terminal's Ctrl-C away from the tree: the builder alone stops it.
+    """
+    proc = subprocess.Popen(
+        [python, "-I", _SCRIPT, "-"],
+        stdin=subprocess.PIPE,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=True,
+    )
+    try:
+        proc.communicate(spec.to_json().encode())
+    except BaseException:
+        _stop(proc)
+        raise
+    return _exit_code(proc.returncode)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM lets the script kill its PID namespace and remove its stubs; SIGKILL if it hangs."""
+    try:
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=_STOP_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def main(argv: list[str]) -> int:
+    """The script: read the spec, set up the namespaces and the root, run the command."""
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, _on_stop_signal)
+    try:
+        spec = _read_spec(argv)
+        # If the builder dies, SIGTERM (not SIGKILL) so this process still cleans up.
+        _prctl_pdeathsig(signal.SIGTERM)
+        return _run(spec)
+    except _Interrupted as e:
+        return 128 + e.signum
+    except (_SetupError, ValueError) as e:
+        print(f"sandbox: {e}", file=sys.stderr, flush=True)
+        return SETUP_FAILED
+
+
+class _SetupError(Exception):
+    """The sandbox could not be set up; the message is one sentence."""
+
+
+class _Interrupted(BaseException):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _CommandError(Exception):
+    """argv[0] could not be found or executed; carries a shell's exit status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+_init_pidfd: int | None = None  # set while init runs, so a stop signal can kill its namespace
+
+
+def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
+    if _init_pidfd is None:
+        raise _Interrupted(signum)
+    # Killing PID 1 makes the kernel kill everything else in the PID namespace.
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(_init_pidfd, signal.SIGKILL)
+
+
+def _read_spec(argv: list[str]) -> SandboxSpec:
+    if len(argv) == 2 and argv[0] == "--json":
+        return SandboxSpec.from_json(argv[1])
+    if argv in ([], ["-"]):
+        return SandboxSpec.from_json(sys.stdin.read())
+    if len(argv) == 1 and not argv[0].startswith("-"):
+        try:
+            with open(argv[0], encoding="utf-8") as f:
+                return SandboxSpec.from_json(f.read())
+        except OSError as e:
+            raise _SetupError(f"cannot read the spec {argv[0]}: {e.strerror}.") from None
+    raise _SetupError("usage: sandbox.py SPEC_FILE | - | --json SPEC.")
+
+
+def _run(spec: SandboxSpec) -> int:
+    if os.geteuid() != 0:
+        raise _SetupError("the sandbox needs root; rootless builds are not supported yet.")
+    if not os.path.isdir(spec.root):
+        raise _SetupError(f"the root {spec.root} is not a directory.")
+    if os.path.realpath(spec.root) == "/":
+        raise _SetupError("the root must not be the host's own root directory.")
+    os.umask(0o022)
+    stubs = _Stubs(spec.root)
+    with tempfile.TemporaryDirectory(prefix="builder-sandbox-") as tmp:
+        try:
+            etc_files = _write_etc_files(spec, tmp)
+            _make_cwd(spec.root, spec.cwd)
+            points = _make_mount_points(spec, stubs)
+            flags = CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC
+            _libc_check(_libc.unshare(flags | _net_flag(spec)), "cannot create namespaces")
+            name = spec.hostname.encode()
+            _libc_check(_libc.sethostname(name, len(name)), "cannot set the hostname")
+            if spec.network == "none":
+                _loopback_up()
+            return _fork_init(spec, points, etc_files)
+        except OSError as e:
+            raise _SetupError(f"cannot prepare {e.filename or 'the sandbox'}: {e.strerror}.") from e
+        finally:
+            stubs.remove()
+
+
+def _net_flag(spec: SandboxSpec) -> int:
+    return CLONE_NEWNET if spec.network == "none" else 0
+
+
+def _fork_init(spec: SandboxSpec, points: _MountPoints, etc_files: dict[str, str]) -> int:
+    """Fork PID 1 of the new PID namespace and wait for it; return its exit status."""
+    global _init_pidfd
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Blocked until the pidfd is known, so a stop signal cannot slip between fork and pidfd.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    pid = os.fork()
+    if pid == 0:
+        _init(spec, points, etc_files)
+    try:
+        _init_pidfd = os.pidfd_open(pid)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    finally:
+        # Cleanup runs next and must not be cut short: a second stop signal is ignored.
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        if _init_pidfd is not None:
+            os.close(_init_pidfd)
+            _init_pidfd = None
+    return _exit_code(os.waitstatus_to_exitcode(status))
+
+
+def _exit_code(code: int) -> int:
+    """subprocess and waitstatus give -N for a signal; a shell says 128+N."""
+    return 128 - code if code < 0 else code
+
+
+def _init(spec: SandboxSpec, points: _MountPoints, etc_files: dict[str, str]) -> NoReturn:
+    """PID 1: set up the root, drop privileges, exec. Never returns into the script's code."""
+    status = SETUP_FAILED
+    try:
+        # Dispositions the script set must not reach the command: SIG_IGN survives exec.
+        for signum in (*_STOP_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        _prctl_pdeathsig(signal.SIGKILL)
+        _enter_root(spec, points, etc_files)
+        _exec_command(spec)
+    except _CommandError as e:
+        status = e.status
+        print(f"sandbox: {e}", file=sys.stderr, flush=True)
+    except _SetupError as e:
+        print(f"sandbox: {e}", file=sys.stderr, flush=True)
+    except BaseException as e:  # a bug here must still end this process, never return
+        print(f"sandbox: unexpected error while setting up: {e!r}.", file=sys.stderr, flush=True)
+    os._exit(status)
+
+
+def _enter_root(spec: SandboxSpec, points: _MountPoints, etc_files: dict[str, str]) -> None:
+    """In a mount namespace of its own, mount the API filesystems and switch root onto spec.root."""
+    _libc_check(_libc.unshare(CLONE_NEWNS), "cannot create a mount namespace")
+    # Private first: nothing mounted from here on may propagate to the host.
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    # pivot_root needs the new root to be a mount point; a bind onto itself makes sure it is.
+    _mount(spec.root, spec.root, None, MS_BIND | MS_REC)
+    _mount("proc", points.proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for name in ("sys", "sysrq-trigger"):  # kernel-wide knobs stay read-only, as in Docker
+        path = os.path.join(points.proc, name)
+        if os.path.exists(path):
+            _bind(path, path, readonly=True)
+    _mount_dev(points.dev)
+    _mount("sysfs", points.sys, "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for name, target in points.etc.items():
+        _bind(etc_files[name], target, readonly=True)
+    for bind, target in points.binds:
+        _bind(bind.source, target, readonly=bind.readonly)
+    _pivot_root(spec.root)
+
+
+def _mount_dev(dev: str) -> None:
+    _mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_STRICTATIME, "mode=755,size=65536k")
+    for name in _DEVICES:
+        node = os.path.join(dev, name)
+        os.close(os.open(node, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
+        _mount(f"/dev/{name}", node, None, MS_BIND)
+    pts, shm = os.path.join(dev, "pts"), os.path.join(dev, "shm")
+    os.mkdir(pts, 0o755)
+    options = "newinstance,ptmxmode=0666,mode=0620,gid=5"
+    _mount("devpts", pts, "devpts", MS_NOSUID | MS_NOEXEC, options)
+    os.mkdir(shm, 0o755)
+    _mount("shm", shm, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=65536k")
+    for name, target in _DEV_LINKS:
+        os.symlink(target, os.path.join(dev, name))
+
+
+def _pivot_root(root: str) -> None:
+    """Switch root the runc way: no bare chroot (escapable by root) and no stub directory."""
+    number = _SYS_PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        raise _SetupError(f"pivot_root is not known on {platform.machine()}.")
+    os.chdir(root)
+    # With both arguments ".", the old root ends up stacked on the new one, at ".".
+    _libc_check(_libc.syscall(ctypes.c_long(number), b".", b"."), f"cannot pivot_root to {root}")
+    _libc_check(_libc.umount2(b".", MNT_DETACH), "cannot detach the old root")
+    os.chdir("/")
+
+
+def _exec_command(spec: SandboxSpec) -> NoReturn:
+    null = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.setgroups(list(spec.groups))
+    os.setgid(spec.gid)
+    os.setuid(spec.uid)
+    os.umask(0o022)
+    try:
+        os.chdir(spec.cwd)
+    except OSError as e:
+        raise _SetupError(f"cannot enter the working directory {spec.cwd}: {e.strerror}.") from e
+    _exec(spec.argv, dict(spec.env))
+
+
+def _exec(argv: tuple[str, ...], env: dict[str, str]) -> NoReturn:
+    """execvpe with the command's own PATH, failing like a shell: 127 not found, 126 not runnable."""
+    name = argv[0]
+    search = env.get("PATH", _DEFAULT_PATH)
+    paths = [name] if "/" in name else [os.path.join(d or ".", name) for d in search.split(":")]
+    unrunnable: OSError | None = None
+    for path in paths:
+        try:
+            os.execve(path, argv, env)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:  # EACCES, ENOEXEC, ...: keep looking, as execvp does
+            unrunnable = unrunnable or e
+    if unrunnable is not None:
+        raise _CommandError(_NOT_EXECUTABLE, f"{name}: cannot execute: {unrunnable.strerror}.")
+    where = "" if "/" in name else f" in PATH {search}"
+    raise _CommandError(_NOT_FOUND, f"{name}: command not found{where}.")
+
+
+@dataclass(frozen=True)
+class _MountPoints:
+    """Host paths, inside the root, of everything init mounts on."""
+
+    proc: str
+    dev: str
+    sys: str
+    etc: dict[str, str]  # /etc file name -> host path
+    binds: tuple[tuple[BindMount, str], ...]
+
+
+def _make_mount_points(spec: SandboxSpec, stubs: _Stubs) -> _MountPoints:
+    for bind in spec.binds:
+        if not os.path.exists(bind.source):
+            raise _SetupError(f"the bind source {bind.source} does not exist.")
+    return _MountPoints(
+        proc=stubs.ensure("/proc", directory=True),
+        dev=stubs.ensure("/dev", directory=True),
+        sys=stubs.ensure("/sys", directory=True),
+        etc={name: stubs.ensure(f"/etc/{name}", directory=False) for name in _ETC_FILES},
+        binds=tuple((b, stubs.ensure(b.target, directory=os.path.isdir(b.source))) for b in spec.binds),
+    )
+
+
+class _Stubs:
+    """Mount points created in the root for one run, removed afterwards so no layer shows them.
+
+    Creating a stub also changes its parent directory's mtime, which would put a copied-up
+    directory such as /etc into the layer; that mtime is restored unless the command changed the
+    directory as well.
+    """
+
+    def __init__(self, root: str) -> None:
+        self._root = root
+        self._created: list[str] = []  # parents before children
+        self._times: dict[str, tuple[int, int]] = {}  # pre-existing parent -> (atime, mtime)
+        self._mtime_after: dict[str, int] = {}  # its mtime once the stubs were in
+
+    def ensure(self, path: str, *, directory: bool) -> str:
+        """The host path of ``path`` in the root, created (with its parents) if missing."""
+        host = _resolve_in_root(self._root, path)
+        relative = os.path.relpath(host, self._root)
+        parts = [] if relative == "." else relative.split(os.sep)
+        current = self._root
+        for index, part in enumerate(parts):
+            parent, current = current, os.path.join(current, part)
+            want_dir = directory or index < len(parts) - 1
+            try:
+                is_dir = stat.S_ISDIR(os.lstat(current).st_mode)
+            except FileNotFoundError:
+                self._create(parent, current, directory=want_dir)
+                continue
+            if is_dir != want_dir:
+                kind = "a directory" if want_dir else "a file"
+                raise _SetupError(f"{path} in the root must be {kind} to mount on it.")
+        return host
+
+    def _create(self, parent: str, path: str, *, directory: bool) -> None:
+        if parent not in self._created and parent not in self._times:
+            st = os.stat(parent)
+            self._times[parent] = (st.st_atime_ns, st.st_mtime_ns)
+        if directory:
+            os.mkdir(path, 0o755)
+        else:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+        self._created.append(path)
+        if parent in self._times:
+            self._mtime_after[parent] = os.stat(parent).st_mtime_ns
+
+    def remove(self) -> None:
+        """Remove the stubs, deepest first; keep any the command filled (they are content)."""
+        untouched = [d for d, mtime in self._mtime_after.items() if _mtime(d) == mtime]
+        for path in reversed(self._created):
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                if stat.S_ISDIR(st.st_mode):
+                    os.rmdir(path)
+                elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                    os.unlink(path)
+        for directory in untouched:
+            with contextlib.suppress(OSError):
+                os.utime(directory, ns=self._times[directory], follow_symlinks=False)
+        self._created.clear()
+
+
+def _mtime(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _resolve_in_root(root: str, path: str) -> str:
+    """The host path that ``path`` names inside root: symlinks are followed as if root were /,
+    so an image's /etc/resolv.conf -> /run/... lands in the root, never on the host."""
+    todo = [part for part in path.split("/") if part not in ("", ".")]
+    done: list[str] = []
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part == "..":
+            done = done[:-1]
+            continue
+        current = os.path.join(root, *done, part)
+        try:
+            is_link = stat.S_ISLNK(os.lstat(current).st_mode)
+        except FileNotFoundError:
+            is_link = False
+        except NotADirectoryError:
+            raise _SetupError(
+                f"cannot resolve {path} in the root: /{'/'.join(done)} is not a directory."
+            ) from None
+        if not is_link:
+            done.append(part)
+            continue
+        hops += 1
+        if hops > 40:
+            raise _SetupError(f"cannot resolve {path} in the root: too many symbolic links.")
+        target = os.readlink(current)
+        if target.startswith("/"):
+            done = []
+        todo[:0] = [p for p in target.split("/") if p not in ("", ".")]
+    return os.path.join(root, *done)
+
+
+def _make_cwd(root: str, cwd: str) -> None:
+    """Create a missing working directory as Docker does: root-owned, 0755, kept in the layer."""
+    host = _resolve_in_root(root, cwd)
+    if not os.path.isdir(host):
+        try:
+            os.makedirs(host, mode=0o755)
+        except FileExistsError:
+            raise _SetupError(f"the working directory {cwd} is not a directory.") from None
+
+
+def _write_etc_files(spec: SandboxSpec, tmp: str) -> dict[str, str]:
+    """Write /etc/hosts, resolv.conf and hostname outside the root, to bind-mount read-only."""
+    resolv_conf = spec.resolv_conf
+    if not resolv_conf:
+        with contextlib.suppress(FileNotFoundError), open("/etc/resolv.conf") as f:
+            resolv_conf = f.read()
+    contents = {"hosts": spec.hosts, "resolv.conf": resolv_conf, "hostname": spec.hostname + "\n"}
+    paths = {}
+    for name, text in contents.items():
+        paths[name] = os.path.join(tmp, name)
+        with open(paths[name], "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(paths[name], 0o644)
+    return paths
+
+
+def _loopback_up() -> None:
+    """ifconfig lo up: struct ifreq is a 16-byte name, then the flags (a short), 40 bytes in all."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            request = struct.pack("16sH22x", b"lo", 0)
+            flags = struct.unpack("16sH22x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
+            fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
+    except OSError as e:
+        raise _SetupError(f"cannot bring the loopback interface up: {e.strerror}.") from e
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    result = _libc.mount(_c(source), _c(target), _c(fstype), flags, _c(data or None))
+    _libc_check(result, f"cannot mount {fstype or source} on {target}")
+
+
+def _bind(source: str, target: str, *, readonly: bool) -> None:
+    _mount(source, target, None, MS_BIND | MS_REC)
+    if readonly:  # MS_RDONLY is ignored on the first call; a bind goes read-only by a remount
+        locked = os.statvfs(target).f_flag
+        kept = sum(ms for st, ms in _LOCKED_FLAGS if locked & st)
+        _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | kept)
+
+
+def _prctl_pdeathsig(signum: int) -> None:
+    _libc_check(_libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0), "cannot set the parent-death signal")
+
+
+def _libc_check(result: int, what: str) -> None:
+    if result != 0:
+        raise _SetupError(f"{what}: {os.strerror(ctypes.get_errno())}.")
+
+
+def _c(text: str | None) -> bytes | None:
+    return None if text is None else os.fsencode(text)
+
+
+def _default_hosts(hostname: str) -> str:
+    return f"127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+
+
+def _expect(condition: bool, problem: str) -> None:
+    if not condition:
+        raise ValueError(f"invalid sandbox spec: {problem}.")
+
+
+def _is_abs(path: object) -> bool:
+    return isinstance(path, str) and path.startswith("/")
+
+
+def _is_strings(values: object) -> bool:
+    return isinstance(values, tuple) and all(isinstance(v, str) for v in values)
+
+
+def _pairs(values: list[object]) -> tuple[object, ...]:
+    return tuple(tuple(v) if isinstance(v, list) else v for v in values)
+
+
+def _bind_mounts(values: list[object]) -> tuple[object, ...]:
+    return tuple(BindMount(**v) if isinstance(v, dict) else v for v in values)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,168 @@
+"""Snapshots: unpacked layers used as overlayfs lower dirs, and the mounts built on them.
+
+A snapshot is the directory of one layer (by diff_id) in overlay form: whiteouts are 0/0
+character devices, opaque directories carry ``trusted.overlay.opaque``. A RUN's upper dir is
+already in that form, so it becomes the snapshot of the layer diffed from it, by a rename.
+
+The lowerdir option must fit in one page, so mounts name lowers through short symlinks
+(``l/<12 hex>``, Docker overlay2's trick) relative to the store root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from builder.digest import digest_hex
+from builder.errors import LayerError, StoreError
+from builder.layer import apply_layer, open_layer
+from builder.store import Store
+
+__all__ = ["MAX_LAYERS", "Mounted", "Snapshotter"]
+
+_PAGE = 4096
+_OVERLAY_OPTIONS = "index=off,redirect_dir=off,metacopy=off"
+_SHORT = 12
+# lowerdir=l/<12 hex>:... must fit in a page next to upperdir and workdir
+MAX_LAYERS = 200
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Mounted:
+    """An overlay mount: ``merged`` is the root file system, ``upper`` holds the changes."""
+
+    merged: Path
+    upper: Path | None
+
+
+class _HashingReader:
+    """Hash an uncompressed layer while the tar reader consumes it."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._hash = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._hash.update(data)
+        return data
+
+    def drain(self) -> str:
+        while self.read(_CHUNK):
+            pass
+        return "sha256:" + self._hash.hexdigest()
+
+
+class Snapshotter:
+    """Snapshots and overlay mounts of one store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.root = store.root
+        empty = self.root / "snapshots" / "empty"
+        empty.mkdir(exist_ok=True)
+        self._link("empty", empty)
+
+    def path(self, diff_id: str) -> Path:
+        return self.root / "snapshots" / digest_hex(diff_id)
+
+    def has(self, diff_id: str) -> bool:
+        return self.path(diff_id).is_dir()
+
+    def _link(self, short: str, target: Path) -> str:
+        link = self.root / "l" / short
+        wanted = os.path.relpath(target, link.parent)
+        try:
+            os.symlink(wanted, link)
+        except FileExistsError:
+            if os.readlink(link) != wanted:
+                raise StoreError(
+                    f"the short layer link {link} points elsewhere; run builder check."
+                ) from None
+        return f"l/{short}"
+
+    def short(self, diff_id: str) -> str:
+        """The lowerdir name of a snapshot, relative to the store root."""
+        return self._link(digest_hex(diff_id)[:_SHORT], self.path(diff_id))
+
+    def ensure(self, diff_id: str) -> Path:
+        """The snapshot of ``diff_id``, unpacked from a stored blob if it is not there yet."""
+        target = self.path(diff_id)
+        if target.is_dir():
+            return target
+        blobs = self.store.layer_blobs(diff_id)
+        if not blobs:
+            raise StoreError(f"no stored blob holds layer {diff_id}; pull or load its image again.")
+        staging = Path(tempfile.mkdtemp(dir=self.root / "snapshots", prefix=".unpack-"))
+        try:
+            with self.store.blob_path(str(blobs[0]["digest"])).open("rb") as blob:
+                reader = _HashingReader(open_layer(blob))
+                apply_layer(reader, staging, overlay_whiteouts=True)  # type: ignore[arg-type]
+                found = reader.drain()
+            if found != diff_id:
+                raise LayerError(f"blob {blobs[0]['digest']} unpacks to {found}, not layer {diff_id}.")
+            self.commit(diff_id, staging)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def commit(self, diff_id: str, upper: Path) -> None:
+        """Make ``upper`` the snapshot of ``diff_id``; another build may have won the race."""
+        try:
+            os.rename(upper, self.path(diff_id))
+        except OSError:
+            if not self.has(diff_id):
+                raise
+            shutil.rmtree(upper, ignore_errors=True)
+        self.short(diff_id)
+
+    @contextlib.contextmanager
+    def mount(self, diff_ids: Sequence[str], workdir: Path, *, writable: bool) -> Iterator[Mounted]:
+        """Mount the layers (bottom first) with a fresh upper dir, or read-only; unmount after."""
+        if len(diff_ids) > MAX_LAYERS:
+            raise LayerError(
+                f"the image has {len(diff_ids)} layers; overlay mounts here stack at most "
+                f"{MAX_LAYERS}. Squash some RUN steps together."
+            )
+        for diff_id in diff_ids:
+            self.ensure(diff_id)
+        lowers = [self.short(d) for d in reversed(diff_ids)] + ["l/empty"]
+        scratch = Path(tempfile.mkdtemp(dir=workdir, prefix="mnt-"))
+        merged = scratch / "merged"
+        merged.mkdir()
+        options = f"lowerdir={':'.join(lowers)},{_OVERLAY_OPTIONS}"
+        upper = None
+        if writable:
+            upper, work = scratch / "upper", scratch / "work"
+            upper.mkdir()
+            work.mkdir()
+            options += f",upperdir={upper},workdir={work}"
+        if len(options) >= _PAGE:
+            raise LayerError(f"the overlay mount options for {len(diff_ids)} layers exceed one page.")
+        _run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)], cwd=self.root)
+        try:
+            yield Mounted(merged, upper)
+        finally:
+            _run(["umount", str(merged)], cwd=self.root)
+            # the upper dir outlives the mount: the caller diffs it, then commits or drops it
+            for leftover in (merged, scratch / "work"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            if upper is None:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(argv: list[str], cwd: Path) -> None:
+    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        message = result.stderr.strip() or f"exit status {result.returncode}"
+        raise StoreError(f"{argv[0]} of an overlay failed: {message}.")

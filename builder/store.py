@@ -1,0 +1,290 @@
+"""The content-addressed store: blobs, image tags, cache records and the layer index.
+
+Layout under the root::
+
+    blobs/sha256/<hex>      content, written once through a temp file, fsync and rename
+    tags/<name>             the manifest digest a tag points at (names are URL-quoted)
+    cache/<key hex>.json    what a build step produced (see executor)
+    layers/<diff hex>.json  the stored blobs (compressed forms) of an uncompressed layer
+    snapshots/, l/          unpacked layers, used as overlay lower dirs (see snapshot)
+    tmp/                    work dirs of running builds, removed by the next build when stale
+
+Every write is atomic (a rename), so concurrent builds on one store never see half a file,
+and a crash at any instant leaves no blob that lies about its content.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from builder.digest import digest_hex, is_digest, sha256_digest
+from builder.errors import StoreError
+
+__all__ = ["BlobWriter", "Store", "default_root"]
+
+ROOT_ENV = "BUILDER_ROOT"
+DEFAULT_ROOT = "/var/lib/builder"
+_OVERLAYFS_MAGIC = 0x794C7630
+_CHUNK = 1 << 20
+
+
+def default_root() -> Path:
+    """The store root: ``$BUILDER_ROOT`` or /var/lib/builder."""
+    return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
+
+
+class BlobWriter:
+    """A temp file inside the store that hashes what is written and becomes a blob on commit."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        fd, name = tempfile.mkstemp(dir=store.root / "tmp", prefix="blob-")
+        self.path = Path(name)
+        self.file: BinaryIO = os.fdopen(fd, "wb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._hash.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
+
+    def commit(self, expected: str | None = None) -> str:
+        """fsync and rename into place; with ``expected``, refuse content of another digest."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        digest = self.digest
+        if expected is not None and digest != expected:
+            self.discard()
+            raise StoreError(f"content has digest {digest}, not the expected {expected}; nothing was stored.")
+        target = self._store.blob_path(digest)
+        os.chmod(self.path, 0o644)
+        os.replace(self.path, target)
+        return digest
+
+    def commit_hashed(self, digest: str) -> str:
+        """Commit bytes written straight to ``file`` by a producer that hashed them itself."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.chmod(self.path, 0o644)
+        os.replace(self.path, self._store.blob_path(digest))
+        return digest
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+class Store:
+    """One store root; safe to share between concurrent builds."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @classmethod
+    def open(cls, root: Path) -> Store:
+        """Create the layout if needed; refuse a root on overlayfs (overlay cannot nest)."""
+        try:
+            for sub in ("blobs/sha256", "tags", "cache", "layers", "snapshots", "l", "tmp"):
+                (root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the store at {root}: {exc.strerror}.") from exc
+        if _fs_type(root) == _OVERLAYFS_MAGIC:
+            raise StoreError(
+                f"the store {root} is on an overlay file system, and overlay mounts cannot stack "
+                "on one; pass --root on another file system (a tmpfs or a volume)."
+            )
+        return cls(root)
+
+    # blobs
+
+    def blob_path(self, digest: str) -> Path:
+        try:
+            return self.root / "blobs" / "sha256" / digest_hex(digest)
+        except ValueError as exc:
+            raise StoreError(f"{digest!r} is not a sha256 digest.") from exc
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    @contextlib.contextmanager
+    def blob_writer(self) -> Iterator[BlobWriter]:
+        """A writer whose temp file is removed unless committed."""
+        writer = BlobWriter(self)
+        try:
+            yield writer
+        finally:
+            if writer.path.exists():
+                writer.discard()
+
+    def write_blob(self, data: bytes) -> str:
+        digest = sha256_digest(data)
+        if not self.has_blob(digest):
+            with self.blob_writer() as writer:
+                writer.write(data)
+                writer.commit(digest)
+        return digest
+
+    def read_blob(self, digest: str) -> bytes:
+        """The blob's bytes, verified against its digest."""
+        try:
+            data = self.blob_path(digest).read_bytes()
+        except FileNotFoundError as exc:
+            raise StoreError(f"blob {digest} is not in the store {self.root}.") from exc
+        if sha256_digest(data) != digest:
+            raise StoreError(f"blob {digest} in {self.root} is corrupt: its content has another digest.")
+        return data
+
+    def read_json(self, digest: str) -> dict[str, Any]:
+        try:
+            document = json.loads(self.read_blob(digest))
+        except ValueError as exc:
+            raise StoreError(f"blob {digest} is not a JSON document.") from exc
+        if not isinstance(document, dict):
+            raise StoreError(f"blob {digest} is not a JSON object.")
+        return document
+
+    def verify_blob(self, digest: str) -> None:
+        """Stream the blob and check its digest, without holding it in memory."""
+        hasher = hashlib.sha256()
+        try:
+            with self.blob_path(digest).open("rb") as file:
+                while chunk := file.read(_CHUNK):
+                    hasher.update(chunk)
+        except FileNotFoundError as exc:
+            raise StoreError(f"blob {digest} is not in the store {self.root}.") from exc
+        if "sha256:" + hasher.hexdigest() != digest:
+            raise StoreError(f"blob {digest} in {self.root} is corrupt: its content has another digest.")
+
+    # small JSON records, each replaced atomically
+
+    def _write_record(self, path: Path, document: Any) -> None:
+        fd, name = tempfile.mkstemp(dir=self.root / "tmp", prefix="rec-")
+        try:
+            with os.fdopen(fd, "w") as file:
+                json.dump(document, file, sort_keys=True)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(name, path)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+
+    @staticmethod
+    def _read_record(path: Path) -> Any:
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None  # a record that does not parse is treated as absent, never trusted
+
+    # tags
+
+    def _tag_path(self, name: str) -> Path:
+        return self.root / "tags" / urllib.parse.quote(name, safe="")
+
+    def set_tag(self, name: str, manifest_digest: str) -> None:
+        self._write_record(self._tag_path(name), {"manifest": manifest_digest})
+
+    def get_tag(self, name: str) -> str | None:
+        record = self._read_record(self._tag_path(name))
+        digest = record.get("manifest") if isinstance(record, dict) else None
+        return digest if isinstance(digest, str) and is_digest(digest) else None
+
+    def tags(self) -> dict[str, str]:
+        found = {}
+        for path in sorted((self.root / "tags").iterdir()):
+            digest = self.get_tag(urllib.parse.unquote(path.name))
+            if digest:
+                found[urllib.parse.unquote(path.name)] = digest
+        return found
+
+    # cache records and the layer index
+
+    def get_cache(self, key: str) -> dict[str, Any] | None:
+        record = self._read_record(self.root / "cache" / f"{digest_hex(key)}.json")
+        return record if isinstance(record, dict) else None
+
+    def put_cache(self, key: str, record: dict[str, Any]) -> None:
+        self._write_record(self.root / "cache" / f"{digest_hex(key)}.json", record)
+
+    def layer_blobs(self, diff_id: str) -> list[dict[str, Any]]:
+        """Descriptors of stored blobs whose uncompressed content is ``diff_id``."""
+        record = self._read_record(self.root / "layers" / f"{digest_hex(diff_id)}.json")
+        blobs = record if isinstance(record, list) else []
+        return [desc for desc in blobs if isinstance(desc, dict) and self.has_blob(str(desc.get("digest")))]
+
+    def add_layer_blob(self, diff_id: str, desc: dict[str, Any]) -> None:
+        path = self.root / "layers" / f"{digest_hex(diff_id)}.json"
+        with self.lock(f"layers-{digest_hex(diff_id)}"):
+            blobs = [d for d in self.layer_blobs(diff_id) if d.get("digest") != desc["digest"]]
+            self._write_record(path, [*blobs, desc])
+
+    # locks and temp dirs
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """A short exclusive lock between processes (never held across a RUN)."""
+        with open(self.root / "tmp" / f"{name}.lock", "a") as file:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def workdir(self) -> Iterator[Path]:
+        """A private temp dir for one build, locked while in use and removed afterwards."""
+        self.remove_stale_workdirs()
+        path = Path(tempfile.mkdtemp(dir=self.root / "tmp", prefix="build-"))
+        with open(path / ".lock", "w") as lockfile:
+            fcntl.flock(lockfile.fileno(), fcntl.LOCK_EX)
+            try:
+                yield path
+            finally:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def remove_stale_workdirs(self) -> None:
+        """Remove the work dirs of builds that died (their lock is no longer held)."""
+        for path in (self.root / "tmp").glob("build-*"):
+            try:
+                with open(path / ".lock") as lockfile:
+                    fcntl.flock(lockfile.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    shutil.rmtree(path, ignore_errors=True)
+            except (BlockingIOError, FileNotFoundError, NotADirectoryError):
+                continue
+
+
+def _fs_type(path: Path) -> int:
+    """The file system magic number of ``path`` (statfs f_type)."""
+
+    class StatFs(ctypes.Structure):
+        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    buf = StatFs()
+    if libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        return 0
+    return int(buf.f_type)
