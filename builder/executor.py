@@ -182,7 +182,7 @@ class StageExecutor:
     # execution
 
     def _execute(self, step: Step, state: ImageState, sources: Mapping[int | str, ImageState]) -> Json:
-        now = time.time()
+        now = float(self.settings.epoch) if self.settings.epoch is not None else time.time()
         with self.snapshots.mount(state.diff_ids, self.workdir, writable=True) as mounted:
             if isinstance(step, RunStep):
                 self._run(step, mounted)

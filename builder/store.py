@@ -238,7 +238,7 @@ class Store:
 
     def add_layer_blob(self, diff_id: str, desc: dict[str, Any]) -> None:
         path = self.root / "layers" / f"{digest_hex(diff_id)}.json"
-        with self.lock(f"layers-{digest_hex(diff_id)}"):
+        with self.lock("layers"):
             blobs = [d for d in self.layer_blobs(diff_id) if d.get("digest") != desc["digest"]]
             self._write_record(path, [*blobs, desc])
 

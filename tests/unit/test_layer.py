@@ -1,0 +1,835 @@
+"""Layers: the overlay differ, deterministic tars and blobs, and applying hostile tars.
+
+The differ tests mount real overlays (as root) with the options the builder uses, make a change
+through the merged view and diff the upper dir; the hostile-tar table follows umoci's and
+containerd's breakout tests: whatever the tar says, nothing outside the root may change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import resource
+import shutil
+import socket
+import stat
+import struct
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from builder import layer
+from builder.digest import HashingWriter
+from builder.errors import LayerError
+from builder.layer import (
+    COMPRESSIONS,
+    apply_layer,
+    compress_stream,
+    diff_upperdir,
+    open_layer,
+    write_layer,
+)
+from tests.unit import tartest
+from tests.unit.tartest import char, directory, fifo, file, hardlink, symlink
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="layers are built as root")
+
+GZIP, ZSTD, PLAIN = COMPRESSIONS["gzip"], COMPRESSIONS["zstd"], COMPRESSIONS["uncompressed"]
+OVERLAY_OPTIONS = "index=off,redirect_dir=off,metacopy=off"
+T0 = 1_600_000_000  # a whole second: what a lower unpacked from a tar has
+
+# A VFS_CAP_REVISION_2 capability set granting cap_net_bind_service (10), effective.
+CAP_NET_BIND = struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0)
+
+
+# -- fixtures and helpers ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A temp dir that is unmounted and removed afterwards, whatever happened."""
+    path = Path(tempfile.mkdtemp(prefix="layer-test-"))
+    try:
+        yield path
+    finally:
+        with open("/proc/self/mounts") as mounts:
+            points = [line.split()[1] for line in mounts]
+        for point in reversed(points):
+            if point.startswith(str(path) + "/"):
+                subprocess.run(["umount", "-l", point], check=False)
+        shutil.rmtree(path)
+
+
+class Overlay:
+    """One overlay mount made of ``lowers`` (topmost first) and a fresh upper dir."""
+
+    def __init__(self, base: Path, lowers: list[Path]) -> None:
+        self.lowers = lowers
+        n = len(list(base.glob("ovl*")))
+        top = base / f"ovl{n}"
+        self.upper, self.work, self.merged = top / "upper", top / "work", top / "merged"
+        for d in (self.upper, self.work, self.merged):
+            d.mkdir(parents=True)
+
+    @contextmanager
+    def mounted(self) -> Iterator[Path]:
+        lowerdir = ":".join(str(p) for p in self.lowers)
+        options = f"lowerdir={lowerdir},upperdir={self.upper},workdir={self.work},{OVERLAY_OPTIONS}"
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, self.merged], check=True)
+        try:
+            yield self.merged
+        finally:
+            subprocess.run(["umount", self.merged], check=True)
+
+    def diff(self, epoch: int | None = None) -> list[tarfile.TarInfo]:
+        return members(diff_bytes(self.upper, self.lowers, epoch))
+
+
+def diff_bytes(upper: Path, lowers: list[Path], epoch: int | None = None) -> bytes:
+    out = io.BytesIO()
+    diff_upperdir(upper, lowers, out, epoch=epoch)
+    return out.getvalue()
+
+
+def members(data: bytes) -> list[tarfile.TarInfo]:
+    with tarfile.open(fileobj=io.BytesIO(data), encoding="utf-8", errors="surrogateescape") as t:
+        return t.getmembers()
+
+
+def names(infos: list[tarfile.TarInfo]) -> list[str]:
+    return [i.name + ("/" if i.isdir() else "") for i in infos]
+
+
+def content(data: bytes, name: str) -> bytes:
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        f = t.extractfile(name)
+        assert f is not None
+        return f.read()
+
+
+def make_lower(base: Path, *entries: tartest.Entry, name: str = "lower") -> Path:
+    """A lower snapshot as the builder makes them: a tar applied in overlay form."""
+    lower = base / name
+    lower.mkdir()
+    apply_layer(io.BytesIO(tartest.build(*entries)), lower, overlay_whiteouts=True)
+    return lower
+
+
+def write(path: Path, data: bytes, mtime: int | None = None) -> None:
+    path.write_bytes(data)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+
+
+def tree(root: Path, *, root_mtime: bool = False) -> dict[str, tuple[object, ...]]:
+    """Everything a layer can carry about each path below ``root``, for comparing trees."""
+    result: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in [*dirnames, *sorted(filenames), *([""] if dirpath == str(root) else [])]:
+            path = os.path.join(dirpath, name) if name else dirpath
+            st = os.lstat(path)
+            rel = os.path.relpath(path, root)
+            kind = stat.S_IFMT(st.st_mode)
+            extra: object = None
+            if stat.S_ISREG(st.st_mode):
+                extra = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                extra = os.readlink(path)
+            xattrs = tuple(
+                (k, os.getxattr(path, k, follow_symlinks=False))
+                for k in sorted(os.listxattr(path, follow_symlinks=False))
+                if not k.startswith("trusted.")
+            )
+            keep_time = not stat.S_ISDIR(st.st_mode) or (rel != "." or root_mtime)
+            mtime = st.st_mtime_ns // 10**9 if keep_time else None
+            result[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_rdev)
+            result[rel] += (st.st_size if kind == stat.S_IFREG else 0, extra, xattrs, mtime)
+    return result
+
+
+# -- the differ, on real overlay mounts -------------------------------------------------------
+
+
+def test_new_file_and_unchanged_parents_are_emitted(scratch: Path) -> None:
+    lower = make_lower(scratch, directory("d", mode=0o750, uid=5, gid=6), directory("d/e"))
+    ovl = Overlay(scratch, [lower])
+    with ovl.mounted() as m:
+        write(m / "d/e/new", b"fresh")
+    infos = ovl.diff()
+    assert names(infos) == ["d/", "d/e/", "d/e/new"]
+    parent = infos[0]
+    assert (parent.mode, parent.uid, parent.gid) == (0o750, 5, 6)  # the parent's own stat
+    assert content(diff_bytes(ovl.upper, [lower]), "d/e/new") == b"fresh"
+
+
+def test_modified_file(scratch: Path) -> None:
+    lower = make_lower(scratch, directory("d"), file("d/a", b"one"), file("b", b"same"))
+    ovl = Overlay(scratch, [lower])
+    with ovl.mounted() as m:
+        write(m / "d/a", b"two")
+    data = diff_bytes(ovl.upper, [lower])
+    assert names(members(data)) == ["d/", "d/a"]
+    assert content(data, "d/a") == b"two"
+
+
+def test_deleted_file_and_dir_become_whiteouts(scratch: Path) -> None:
+    lower = make_lower(scratch, file("a", b"x"), directory("d"), file("d/f"), directory("k"))
+    lower_k = lower / "k"
+    write(lower_k / "gone", b"1")
+    ovl = Overlay(scratch, [lower])
+    with ovl.mounted() as m:
+        (m / "a").unlink()
+        shutil.rmtree(m / "d")
+        (m / "k/gone").unlink()
+    infos = ovl.diff()
+    assert names(infos) == [".wh.a", ".wh.d", "k/", "k/.wh.gone"]
+    whiteout = infos[0]
+    assert (whiteout.type, whiteout.size, whiteout.mode, whiteout.mtime) == (tarfile.REGTYPE, 0, 0, 0)
+
+
+def test_recreated_dir_is_opaque(scratch: Path) -> None:
+    lower = make_lower(scratch, directory("d"), file("d/old", b"old"))
+    ovl = Overlay(scratch, [lower])
+    with ovl.mounted() as m:
+        shutil.rmtree(m / "d")
+        (m / "d").mkdir()
+        write(m / "d/new", b"new")
+    assert names(ovl.diff()) == ["d/", "d/.wh..wh..opq", "d/new"]
+
+
+def test_chmod_only_and_chown_only(scratch: Path) -> None:
+    lower = make_lower(scratch, file("a", b"a"), file("b", b"b"), file("c", b"c"))
+    ovl = Overlay(scratch, [lower])
+    with ovl.mounted() as m:
+        os.chmod(m / "a", 0o600)
+        os.chown(m / "b", 1000, 1001)
+    infos = {i.name: i for i in ovl.diff()}
+    assert sorted(infos) == ["a", "b"]
+    assert infos["a"].mode == 0o600
+    assert (infos["b"].uid, infos["b"].gid) == (1000, 1001)
+
+
+@pytest.mark.parametrize("lower_ns", [0, 123456789], ids=["tar-lower", "ns-lower"])
+def test_move_away_and_back_is_no_change(scratch: Path, lower_ns: int) -> None:
+    lower = make_lower(scratch, directory("d"), file("d/a", b"payload"))
+    os.utime(lower / "d/a", ns=(T0 * 10**9 + lower_ns,) * 2)
+    ovl = Overlay(scratch, [lower])
+    with ovl.mounted() as m:
+        os.rename(m / "d/a", m / "d/t")
+        os.rename(m / "d/t", m / "d/a")
+    assert ovl.diff() == []
+    assert write_layer(ovl.upper, [lower], io.BytesIO(), compression=GZIP) is None
+
+
+def test_same_second_change_found_by_content(scratch: Path) -> None:
+    lower = make_lower(scratch, file("a", b"before", mtime=T0))
+    ovl = Overlay(scratch, [lower])
+    with ovl.mounted() as m:
+        write(m / "a", b"after!", mtime=T0)  # same size, same truncated time
+    assert names(ovl.diff()) == ["a"]
+
+
+def test_mtime_only_change_counts(scratch: Path) -> None:
+    lower = make_lower(scratch, file("a", b"same"))
+    ovl = Overlay(scratch, [lower])
+    with ovl.mounted() as m:
+        os.utime(m / "a", (T0 + 60, T0 + 60))
+    infos = ovl.diff()
+    assert names(infos) == ["a"]
+    assert infos[0].mtime == T0 + 60
+
+
+def test_hardlinks_symlink_fifo_device_and_socket(scratch: Path) -> None:
+    lower = make_lower(scratch, directory("etc"))
+    ovl = Overlay(scratch, [lower])
+    with ovl.mounted() as m:
+        write(m / "h1", b"shared")
+        os.link(m / "h1", m / "h2")
+        os.link(m / "h1", m / "etc/h3")
+        os.symlink("../target with space", m / "s")
+        os.mkfifo(m / "fifo")
+        os.mknod(m / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        os.mknod(m / "loop", stat.S_IFBLK, os.makedev(7, 0))
+        os.chmod(m / "loop", 0o660)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(m / "sock"))
+    infos = {i.name: i for i in ovl.diff()}
+    assert sorted(infos) == ["etc", "etc/h3", "fifo", "h1", "h2", "loop", "null", "s"]
+    # The first name in walk order carries the content; the others link to it.
+    assert infos["etc/h3"].isreg() and infos["etc/h3"].size == 6
+    assert [(infos[n].islnk(), infos[n].linkname) for n in ("h1", "h2")] == [(True, "etc/h3")] * 2
+    assert infos["s"].issym() and infos["s"].linkname == "../target with space"
+    assert infos["fifo"].isfifo()
+    assert (infos["null"].ischr(), infos["null"].devmajor, infos["null"].devminor) == (True, 1, 3)
+    assert (infos["loop"].isblk(), infos["loop"].devmajor, infos["loop"].mode) == (True, 7, 0o660)
+
+
+def test_special_modes_and_xattrs(scratch: Path) -> None:
+    lower = make_lower(scratch, file("ping", b"elf"), directory("tmp"))
+    ovl = Overlay(scratch, [lower])
+    with ovl.mounted() as m:
+        os.setxattr(m / "ping", "security.capability", CAP_NET_BIND)  # a caps-only change
+        os.chmod(m / "tmp", 0o1777)
+        write(m / "su", b"#!")
+        os.chmod(m / "su", 0o6755)
+        write(m / "tagged", b"t")
+        os.setxattr(m / "tagged", "user.origin", b"\xff binary")
+        os.setxattr(m / "tagged", "trusted.secret", b"no")
+    infos = {i.name: i for i in ovl.diff()}
+    assert sorted(infos) == ["ping", "su", "tagged", "tmp"]
+    cap = infos["ping"].pax_headers["SCHILY.xattr.security.capability"]
+    assert cap.encode("utf-8", "surrogateescape") == CAP_NET_BIND
+    assert infos["tmp"].mode == 0o1777 and infos["su"].mode == 0o6755
+    tagged = infos["tagged"].pax_headers
+    assert tagged["SCHILY.xattr.user.origin"].encode("utf-8", "surrogateescape") == b"\xff binary"
+    assert not any("trusted" in key for info in infos.values() for key in info.pax_headers)
+
+
+WEIRD = [b"with space", b"new\nline", b"\xff\xfe not utf-8", "ünïcødé".encode(), b"x" * 200]
+
+
+def test_weird_names_round_trip_as_bytes(scratch: Path) -> None:
+    lower = make_lower(scratch, directory("d"))
+    ovl = Overlay(scratch, [lower])
+    with ovl.mounted() as m:
+        for name in WEIRD:
+            (m / "d").joinpath(os.fsdecode(name)).write_bytes(name)
+    data = diff_bytes(ovl.upper, [lower])
+    got = [i.name.encode("utf-8", "surrogateescape") for i in members(data)]
+    assert got == [b"d", *sorted(b"d/" + name for name in WEIRD)]
+    target = scratch / "applied"
+    target.mkdir()
+    apply_layer(io.BytesIO(data), target, overlay_whiteouts=False)
+    for name in WEIRD:
+        assert (target / "d" / os.fsdecode(name)).read_bytes() == name
+
+
+def test_lower_stack_visibility(scratch: Path) -> None:
+    """An upper file equal to a lower one is a copy-up only if that lower one is visible."""
+    bottom = make_lower(scratch, directory("d"), file("d/y", b"y"), file("x", b"x"), name="l1")
+    top = scratch / "l0"
+    (top / "d").mkdir(parents=True)
+    os.setxattr(top / "d", "trusted.overlay.opaque", b"y")  # hides l1's d/y
+    os.mknod(top / "x", stat.S_IFCHR, os.makedev(0, 0))  # hides l1's x
+    upper = scratch / "upper"
+    (upper / "d").mkdir(parents=True)
+    shutil.copy2(bottom / "x", upper / "x")
+    shutil.copy2(bottom / "d/y", upper / "d/y")
+    shutil.copystat(bottom / "d", upper / "d")
+    assert names(members(diff_bytes(upper, [top, bottom]))) == ["d/", "d/y", "x"]
+    assert members(diff_bytes(upper, [bottom])) == []  # the same upper over l1 alone
+
+
+def test_crafted_upper_whiteouts_and_opaque_without_lower(scratch: Path) -> None:
+    lower = make_lower(scratch, file("kept"))
+    upper = scratch / "upper"
+    (upper / "newdir").mkdir(parents=True)
+    os.setxattr(upper / "newdir", "trusted.overlay.opaque", b"y")
+    os.mknod(upper / "never-existed", stat.S_IFCHR, os.makedev(0, 0))
+    # BuildKit: a whiteout for nothing is skipped, an opaque dir over nothing is a plain dir.
+    assert names(members(diff_bytes(upper, [lower]))) == ["newdir/"]
+
+
+@pytest.mark.parametrize(
+    "xattr", ["trusted.overlay.redirect", "trusted.overlay.metacopy", "user.overlay.redirect"]
+)
+def test_redirect_and_metacopy_are_refused(scratch: Path, xattr: str) -> None:
+    upper = scratch / "upper"
+    (upper / "d").mkdir(parents=True)
+    os.setxattr(upper / "d", xattr, b"/elsewhere")
+    with pytest.raises(LayerError, match=xattr):
+        diff_upperdir(upper, [], io.BytesIO())
+
+
+def test_sparse_multi_gigabyte_file_is_streamed(scratch: Path) -> None:
+    upper = scratch / "upper"
+    upper.mkdir()
+    size = 2 * 2**30 + 1
+    with open(upper / "sparse", "wb") as f:
+        f.truncate(size)
+        f.seek(size - 1)
+        f.write(b"!")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sink = HashingWriter(None)
+    assert diff_upperdir(upper, [], sink) == 1  # type: ignore[arg-type]
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert sink.size == 512 + size + (-size % 512) + 1024
+    assert grown_kib < 64 * 1024, "the differ held the file in memory"
+
+
+# -- determinism ------------------------------------------------------------------------------
+
+
+def mixed_upper(base: Path) -> Path:
+    """An upper dir with several compressor blocks of mixed content and many small files."""
+    upper = base / "upper"
+    (upper / "a/b").mkdir(parents=True)
+    write(upper / "random.bin", os.urandom(3 * 2**20 + 12345), mtime=T0)
+    write(upper / "text.txt", b"the quick brown fox\n" * 200_000, mtime=T0)
+    for i in range(50):
+        write(upper / f"a/b/f{i:03}", str(i).encode() * i, mtime=T0 + i)
+    os.symlink("random.bin", upper / "link")
+    os.link(upper / "text.txt", upper / "a/hard")
+    return upper
+
+
+def test_same_upper_thirty_times_gives_one_digest(scratch: Path) -> None:
+    upper = mixed_upper(scratch)
+    blobs = {write_layer(upper, [], io.BytesIO(), compression=PLAIN) for _ in range(30)}
+    assert len(blobs) == 1
+    gz = {write_layer(upper, [], io.BytesIO(), compression=GZIP) for _ in range(3)}
+    assert len(gz) == 1
+
+
+@pytest.mark.parametrize("compression", [GZIP, ZSTD], ids=lambda c: c.name)
+def test_compressed_bytes_do_not_depend_on_threads(
+    scratch: Path, compression: layer.Compression, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upper = mixed_upper(scratch)
+    results = set()
+    for threads in sorted({1, 2, 4, os.cpu_count() or 1}):
+        monkeypatch.setattr(layer, "_threads", lambda threads=threads: threads)
+        out = io.BytesIO()
+        blob = write_layer(upper, [], out, compression=compression)
+        assert blob is not None
+        assert (blob.digest, blob.size) == (hashlib_digest(out.getvalue()), len(out.getvalue()))
+        # Re-compressing the same tar, written in other slices, gives the same blob.
+        tar = diff_bytes(upper, [])
+        again = compress_stream(io.BytesIO(tar), io.BytesIO(), compression=compression)
+        assert again == blob
+        results.add(out.getvalue())
+    assert len(results) == 1
+    assert open_layer(io.BytesIO(results.pop())).read() == diff_bytes(upper, [])
+
+
+def hashlib_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_gzip_header_has_no_time_and_no_name(scratch: Path) -> None:
+    upper = mixed_upper(scratch)
+    out = io.BytesIO()
+    blob = write_layer(upper, [], out, compression=GZIP)
+    assert blob is not None and blob.media_type.endswith("tar+gzip")
+    header = out.getvalue()[:10]
+    assert header[:3] == b"\x1f\x8b\x08" and header[3] == 0  # flags: no FNAME, no FEXTRA
+    assert header[4:8] == b"\0\0\0\0"  # mtime 0
+
+
+def test_uncompressed_blob_is_the_tar(scratch: Path) -> None:
+    upper = mixed_upper(scratch)
+    blob = write_layer(upper, [], io.BytesIO(), compression=PLAIN)
+    assert blob is not None and blob.digest == blob.diff_id
+    assert blob.diff_id == hashlib_digest(diff_bytes(upper, []))
+
+
+def test_tar_has_no_needless_records_and_clamps_to_epoch(scratch: Path) -> None:
+    upper = scratch / "upper"
+    (upper / "dir").mkdir(parents=True)
+    write(upper / "old", b"o")
+    os.utime(upper / "old", ns=(1000 * 10**9 + 999_999_999,) * 2)  # .999...: truncate, not round
+    write(upper / "new", b"n")
+    os.utime(upper / "new", ns=(T0 * 10**9 + 500_000_000,) * 2)
+    os.utime(upper / "dir", (T0 + 5, T0 + 5))
+    data = diff_bytes(upper, [])
+    for needless in (b"atime", b"ctime", b"mtime=", b"uname", b"gname", b"PaxHeader"):
+        assert needless not in data
+    infos = {i.name: i for i in members(data)}
+    assert (infos["old"].mtime, infos["new"].mtime, infos["dir"].mtime) == (1000, T0, T0 + 5)
+    assert all(i.uname == "" and i.gname == "" for i in infos.values())
+    assert names(members(data)) == ["dir/", "new", "old"]
+    clamped = {i.name: i.mtime for i in members(diff_bytes(upper, [], epoch=T0 - 1))}
+    assert clamped == {"dir": T0 - 1, "new": T0 - 1, "old": 1000}
+
+
+def test_entries_keep_a_subtree_together_in_name_byte_order(scratch: Path) -> None:
+    upper = scratch / "upper"
+    for rel in ("a/c", "a-b", "B", "a/\xe9"):
+        (upper / rel).parent.mkdir(parents=True, exist_ok=True)
+        write(upper / rel, b"")
+    assert names(members(diff_bytes(upper, []))) == ["B", "a/", "a/c", "a/\xe9", "a-b"]
+
+
+def test_open_layer_detects_every_format(scratch: Path) -> None:
+    import bz2
+    import lzma
+
+    tar = tartest.build(file("f", b"hello"))
+    gz, zs = io.BytesIO(), io.BytesIO()
+    compress_stream(io.BytesIO(tar), gz, compression=GZIP)
+    compress_stream(io.BytesIO(tar), zs, compression=ZSTD)
+    for blob in (tar, gz.getvalue(), zs.getvalue(), bz2.compress(tar), lzma.compress(tar)):
+        assert open_layer(io.BytesIO(blob)).read() == tar
+    assert open_layer(io.BytesIO(b"")).read() == b""
+    with pytest.raises(LayerError, match="gzip"):
+        open_layer(io.BytesIO(b"\x1f\x8b" + b"garbage" * 10)).read()
+
+
+def test_compression_level_out_of_range_is_a_sentence(scratch: Path) -> None:
+    with pytest.raises(LayerError, match="out of range for gzip"):
+        compress_stream(io.BytesIO(b""), io.BytesIO(), compression=GZIP, level=9)
+
+
+# -- round trip -------------------------------------------------------------------------------
+
+
+BASE = (
+    directory("etc"),
+    directory("usr"),
+    directory("var"),
+    file("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
+    directory("usr/bin", mode=0o755),
+    file("usr/bin/tool", b"\x7fELF" + b"\0" * 100, mode=0o4755),
+    hardlink("usr/bin/tool2", "usr/bin/tool"),
+    symlink("bin", "usr/bin"),
+    directory("var/cache"),
+    file("var/cache/a", b"cached a"),
+    file("var/cache/b", b"cached b"),
+    directory("data"),
+    file("data/keep", b"keep"),
+    file("data/gone", b"gone"),
+    fifo("run.fifo"),
+    char("null", 1, 3),
+    file("tagged", b"x", pax={"SCHILY.xattr.user.k": "v"}),
+)
+
+
+def change_everything(m: Path) -> None:
+    write(m / "etc/passwd", b"root:x:0:0::/root:/bin/bash\n")
+    (m / "data/gone").unlink()
+    shutil.rmtree(m / "var/cache")
+    (m / "var/cache").mkdir()
+    write(m / "var/cache/c", b"new cache")
+    os.chmod(m / "usr/bin/tool", 0o755)
+    os.symlink("../etc/passwd", m / "usr/bin/pw")
+    (m / "deep/er/est").mkdir(parents=True)
+    write(m / "deep/er/est/file", os.urandom(2**20 + 7))
+    os.link(m / "deep/er/est/file", m / "deep/link")
+    os.setxattr(m / "data/keep", "security.capability", CAP_NET_BIND)
+    os.mkfifo(m / "new.fifo")
+    os.utime(m / "deep/er", (T0, T0))
+
+
+def test_diff_then_apply_gives_the_same_tree(scratch: Path) -> None:
+    base_tar = tartest.build(*BASE)
+    lower = make_lower(scratch, *BASE)
+    ovl = Overlay(scratch, [lower])
+    with ovl.mounted() as m:
+        change_everything(m)
+    with ovl.mounted() as m:
+        expected = tree(m)
+    data = diff_bytes(ovl.upper, [lower])
+
+    full = scratch / "full"  # a whole root file system: whiteouts delete
+    full.mkdir()
+    apply_layer(io.BytesIO(base_tar), full, overlay_whiteouts=False)
+    apply_layer(io.BytesIO(data), full, overlay_whiteouts=False)
+    assert tree(full) == expected
+
+    snap = scratch / "snap"  # a layer directory stacked on the lower again
+    snap.mkdir()
+    apply_layer(io.BytesIO(data), snap, overlay_whiteouts=True)
+    with Overlay(scratch, [snap, lower]).mounted() as m:
+        assert tree(m) == expected
+    assert stat.S_ISCHR(os.lstat(snap / "data/gone").st_mode)  # an overlay whiteout
+    assert os.getxattr(snap / "var/cache", "trusted.overlay.opaque") == b"y"
+
+
+def test_applied_sparse_file_stays_sparse(scratch: Path) -> None:
+    size = 64 * 2**20
+    upper = scratch / "upper"
+    upper.mkdir()
+    with open(upper / "holes", "wb") as f:
+        f.write(b"head")
+        f.truncate(size)
+    root = scratch / "root"
+    root.mkdir()
+    apply_layer(io.BytesIO(diff_bytes(upper, [])), root, overlay_whiteouts=False)
+    st = os.stat(root / "holes")
+    assert st.st_size == size and st.st_blocks * 512 < size // 4
+
+
+# -- hostile tars -----------------------------------------------------------------------------
+
+Build = Callable[[str], list[tartest.Entry]]  # given the absolute host dir
+Check = Callable[[Path, str], None]  # given the root and the absolute host dir
+
+
+def payload_at(rel: Callable[[str], str], data: bytes = b"payload") -> Check:
+    def check(root: Path, host: str) -> None:
+        assert (root / rel(host).lstrip("/")).read_bytes() == data
+
+    return check
+
+
+def missing(*rels: str) -> Check:
+    def check(root: Path, host: str) -> None:
+        for rel in rels:
+            assert not os.path.lexists(root / rel), rel
+
+    return check
+
+
+def check_all(*checks: Check) -> Check:
+    def check(root: Path, host: str) -> None:
+        for c in checks:
+            c(root, host)
+
+    return check
+
+
+def is_opaque_dir(rel: str, *present: str) -> Check:
+    def check(root: Path, host: str) -> None:
+        assert os.getxattr(root / rel, "trusted.overlay.opaque") == b"y"
+        for name in present:
+            assert (root / rel / name).exists()
+
+    return check
+
+
+def mode_of(rel: str, mode: int) -> Check:
+    def check(root: Path, host: str) -> None:
+        assert stat.S_IMODE(os.lstat(root / rel).st_mode) == mode
+
+    return check
+
+
+def regular(rel: str, data: bytes) -> Check:
+    def check(root: Path, host: str) -> None:
+        assert stat.S_ISREG(os.lstat(root / rel).st_mode)
+        assert (root / rel).read_bytes() == data
+
+    return check
+
+
+P = b"payload"
+ERROR = LayerError
+BOTH, FULL, OVERLAY = (False, True), (False,), (True,)
+
+# (id, whiteout modes to run in, entries, LayerError or a check on the contained result)
+HOSTILE: list[tuple[str, tuple[bool, ...], Build, type[LayerError] | Check]] = [
+    ("dotdot-name", BOTH, lambda h: [file("../host/victim", P)], payload_at(lambda h: "host/victim")),
+    (
+        "many-dotdots-to-abs",
+        BOTH,
+        lambda h: [file("../../../../../../../.." + h + "/victim", P)],
+        payload_at(lambda h: h + "/victim"),
+    ),
+    ("absolute-name", BOTH, lambda h: [file(h + "/victim", P)], payload_at(lambda h: h + "/victim")),
+    ("dot-slash-dotdot", BOTH, lambda h: [file("./../host/victim", P)], payload_at(lambda h: "host/victim")),
+    ("inner-dotdot", BOTH, lambda h: [file("a/../../host/victim", P)], payload_at(lambda h: "host/victim")),
+    (
+        "symlink-parent-relative",
+        BOTH,
+        lambda h: [symlink("link", "../host"), file("link/victim", P)],
+        payload_at(lambda h: "host/victim"),
+    ),
+    (
+        "symlink-parent-absolute",
+        BOTH,
+        lambda h: [symlink("link", h), file("link/victim", P)],
+        payload_at(lambda h: h + "/victim"),
+    ),
+    (
+        "symlink-chain",
+        BOTH,
+        lambda h: [symlink("a", "b"), symlink("b", "../../host"), file("a/victim", P)],
+        payload_at(lambda h: "host/victim"),
+    ),
+    (
+        "file-replaces-symlink-not-its-target",
+        BOTH,
+        lambda h: [symlink("victim", h + "/victim"), file("victim", P)],
+        regular("victim", P),
+    ),
+    (
+        "dir-replaces-symlink-to-host-dir",
+        BOTH,
+        lambda h: [symlink("d", h + "/dir"), directory("d", mode=0o700), file("d/x", P)],
+        check_all(mode_of("d", 0o700), regular("d/x", P)),
+    ),
+    ("hardlink-to-etc-passwd", BOTH, lambda h: [hardlink("pw", "/etc/passwd")], ERROR),
+    ("hardlink-dotdot", BOTH, lambda h: [hardlink("v", "../host/victim")], ERROR),
+    ("hardlink-absolute-host", BOTH, lambda h: [hardlink("v", h + "/victim")], ERROR),
+    (
+        "hardlink-through-symlink-parent",
+        BOTH,
+        lambda h: [symlink("link", h), hardlink("v", "link/victim")],
+        ERROR,
+    ),
+    (
+        "hardlink-to-symlink-then-write",
+        BOTH,
+        lambda h: [symlink("s", h + "/victim"), hardlink("h", "s"), file("h", P)],
+        check_all(regular("h", P), lambda root, h: None),
+    ),
+    ("hardlink-to-dir", BOTH, lambda h: [directory("d"), hardlink("h", "d")], ERROR),
+    ("whiteout-dotdot", BOTH, lambda h: [file("../host/.wh.victim")], lambda root, h: None),
+    ("whiteout-absolute", BOTH, lambda h: [file(h + "/.wh.victim")], lambda root, h: None),
+    (
+        "whiteout-through-symlink-parent",
+        BOTH,
+        lambda h: [symlink("link", h), file("link/.wh.victim"), file("link/.wh.dir")],
+        lambda root, h: None,
+    ),
+    ("whiteout-of-root", BOTH, lambda h: [file(".wh.")], ERROR),
+    ("whiteout-of-dotdot", BOTH, lambda h: [file("pre/.wh..")], ERROR),
+    ("whiteout-of-dot", BOTH, lambda h: [file(".wh..")], ERROR),
+    (
+        "opaque-of-root",
+        FULL,
+        lambda h: [file("new", P), file(".wh..wh..opq")],
+        check_all(missing("pre", "d"), regular("new", P)),
+    ),
+    (
+        "opaque-through-symlink-parent",
+        BOTH,
+        lambda h: [symlink("link", h + "/dir"), file("link/.wh..wh..opq")],
+        lambda root, h: None,
+    ),
+    ("retype-root-symlink", BOTH, lambda h: [symlink(".", h)], ERROR),
+    ("retype-root-file", BOTH, lambda h: [file(".", P)], ERROR),
+    ("retype-root-dotdot-symlink", BOTH, lambda h: [symlink("..", h)], ERROR),
+    ("retype-root-hardlink", BOTH, lambda h: [file("f"), hardlink("/", "f")], ERROR),
+    ("root-dir-metadata", BOTH, lambda h: [directory("/", mode=0o700)], mode_of(".", 0o700)),
+    (
+        "duplicate-files",
+        BOTH,
+        lambda h: [file("x", b"one"), file("x", b"two")],
+        regular("x", b"two"),
+    ),
+    (
+        "duplicate-dir-then-file",
+        BOTH,
+        lambda h: [directory("x"), file("x/y", P), file("x", b"three")],
+        regular("x", b"three"),
+    ),
+    (
+        "duplicate-file-then-dir",
+        BOTH,
+        lambda h: [file("x", P), directory("x", mode=0o711)],
+        mode_of("x", 0o711),
+    ),
+    (
+        "opaque-after-siblings",
+        FULL,
+        lambda h: [directory("d"), file("d/a", P), file("d/b", P), file("d/.wh..wh..opq")],
+        check_all(missing("d/old"), regular("d/a", P), regular("d/b", P)),
+    ),
+    (
+        "opaque-after-siblings",
+        OVERLAY,
+        lambda h: [directory("d"), file("d/a", P), file("d/b", P), file("d/.wh..wh..opq")],
+        is_opaque_dir("d", "a", "b"),
+    ),
+    (
+        "whiteout-after-own-entry",
+        FULL,
+        lambda h: [file("mine", P), file(".wh.mine"), file(".wh.pre")],
+        check_all(regular("mine", P), missing("pre")),
+    ),
+    (
+        "dir-after-its-whiteout",
+        OVERLAY,
+        lambda h: [file(".wh.d"), directory("d"), file("d/x", P)],
+        is_opaque_dir("d", "x"),
+    ),
+    ("symlink-loop", BOTH, lambda h: [symlink("a", "b"), symlink("b", "a"), file("a/x", P)], ERROR),
+    ("self-symlink-loop", BOTH, lambda h: [symlink("l", "l/x"), file("l/y", P)], ERROR),
+    ("parent-is-a-file", BOTH, lambda h: [file("f", P), file("f/x", P)], ERROR),
+    (
+        "long-path",
+        BOTH,
+        lambda h: [file("/".join(["d" * 200] * 8) + "/f", P)],
+        payload_at(lambda h: "/".join(["d" * 200] * 8) + "/f"),
+    ),
+    ("long-component", BOTH, lambda h: [file("n" * 300, P)], ERROR),
+    (
+        "device-dotdot",
+        BOTH,
+        lambda h: [char("../host/null", 1, 3)],
+        lambda root, h: None if stat.S_ISCHR(os.lstat(root / "host/null").st_mode) else pytest.fail(),
+    ),
+    (
+        "overlay-xattr-injection",
+        BOTH,
+        lambda h: [
+            directory(
+                "d",
+                pax={
+                    "SCHILY.xattr.trusted.overlay.redirect": "/etc",
+                    "SCHILY.xattr.trusted.overlay.opaque": "y",
+                },
+            )
+        ],
+        lambda root, h: (
+            None
+            if not any(k.startswith("trusted.overlay") for k in os.listxattr(root / "d"))
+            else pytest.fail("overlay xattrs were set")
+        ),
+    ),
+    (
+        "setuid-survives-chown",
+        BOTH,
+        lambda h: [file("su", P, mode=0o4755, uid=1000, gid=1000)],
+        mode_of("su", 0o4755),
+    ),
+    ("garbage", BOTH, lambda h: [], ERROR),
+]
+
+
+def host_state(scratch: Path) -> dict[str, tuple[object, ...]]:
+    """Everything that must not change outside the root: the host dir, the scratch dir, /etc."""
+    state = {f"host:{k}": v for k, v in tree(scratch / "host", root_mtime=True).items()}
+    state["scratch"] = tuple(sorted(os.listdir(scratch)))
+    for path in ("/etc/passwd", "/etc"):
+        st = os.lstat(path)
+        state[path] = (st.st_ino, st.st_mode, st.st_nlink, st.st_size, st.st_mtime_ns)
+    return state
+
+
+@pytest.mark.parametrize(
+    ("overlay", "build", "expect"),
+    [
+        pytest.param(o, b, e, id=f"{name}-{'overlay' if o else 'full'}")
+        for name, modes, b, e in HOSTILE
+        for o in modes
+    ],
+)
+def test_hostile_tar_never_touches_the_host(
+    scratch: Path, overlay: bool, build: Build, expect: type[LayerError] | Check
+) -> None:
+    host = scratch / "host"
+    (host / "dir").mkdir(parents=True)
+    write(host / "victim", b"precious", mtime=T0)
+    write(host / "dir/inside", b"precious too", mtime=T0)
+    os.utime(host / "dir", (T0, T0))
+    os.utime(host, (T0, T0))
+    root = scratch / "root"
+    (root / "d").mkdir(parents=True)
+    write(root / "pre", b"from a lower layer")
+    write(root / "d/old", b"from a lower layer")
+    before = host_state(scratch)
+    entries = build(str(host))
+    data = tartest.build(*entries) if entries else b"garbage!" * 200
+    error: LayerError | None = None
+    try:
+        apply_layer(io.BytesIO(data), root, overlay_whiteouts=overlay)
+    except LayerError as e:
+        error = e
+    after = host_state(scratch)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"HOST PATH WAS CHANGED: {changed}"
+    if expect is LayerError:
+        assert error is not None, "the hostile tar was applied instead of refused"
+        assert str(error).endswith(".")
+    else:
+        assert error is None, f"a tar that can be contained was refused: {error}"
+        expect(root, str(host))  # type: ignore[operator]

@@ -1,0 +1,487 @@
+"""The RUN sandbox: the spec as a value, then the real thing on a busybox root (needs root).
+
+Each root test runs on an overlay mount (lower: static busybox; upper: what a layer would hold),
+and checks afterwards that no mount, process or temp dir is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import FrameType
+
+import pytest
+
+from builder import sandbox
+from builder.sandbox import SETUP_FAILED, BindMount, SandboxSpec, run_sandboxed
+
+BUSYBOX = Path("/bin/busybox")
+APPLETS = ("sh", "ls", "cat", "id", "hostname", "mount", "ps", "ip", "env", "sleep", "touch", "true")
+PATH = (("PATH", "/bin"),)
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "SANDBOX_TEST_TOKEN"
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not BUSYBOX.exists(), reason="needs root and busybox-static"
+)
+
+
+# --- the spec as a value --------------------------------------------------------------------
+
+
+def full_spec() -> SandboxSpec:
+    return SandboxSpec(
+        root="/var/lib/builder/merged/1",
+        argv=("/bin/sh", "-c", "echo 'it''s' \"$HOME\" | tr a b"),
+        env=(("PATH", "/usr/bin:/bin"), ("HOME", "/root"), ("EMPTY", "")),
+        cwd="/src",
+        uid=1000,
+        gid=1000,
+        groups=(27, 100),
+        hostname="step",
+        network="none",
+        resolv_conf="nameserver 192.0.2.1\n",
+        binds=(BindMount("/host/cache", "/root/.cache", readonly=False),),
+    )
+
+
+def test_spec_round_trips_through_json() -> None:
+    spec = full_spec()
+    assert SandboxSpec.from_json(spec.to_json()) == spec
+    minimal = SandboxSpec(root="/r", argv=("true",), env=())
+    assert SandboxSpec.from_json(minimal.to_json()) == minimal
+
+
+def test_default_hosts_names_localhost_and_the_hostname() -> None:
+    hosts = SandboxSpec(root="/r", argv=("true",), env=(), hostname="step-3").hosts
+    assert hosts.splitlines() == [
+        "127.0.0.1\tlocalhost step-3",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+    ]
+
+
+def test_describe_round_trips_through_shlex() -> None:
+    spec = full_spec()
+    words = shlex.split(spec.describe())
+    assert words[:4] == [sys.executable, "-I", sandbox.__file__, "--json"]
+    assert SandboxSpec.from_json(words[4]) == spec
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"argv": ()}, "argv"),
+        ({"argv": ["sh"]}, "argv"),
+        ({"cwd": "src"}, "absolute"),
+        ({"root": ""}, "absolute"),
+        ({"network": "bridge"}, "network"),
+        ({"env": (("A", "1"), ("A", "2"))}, "unique"),
+        ({"env": (("A=B", "1"),)}, "="),
+        ({"env": (("A",),)}, "pairs"),
+        ({"uid": -1}, "non-negative"),
+        ({"gid": True}, "non-negative"),
+        ({"groups": (1, "2")}, "non-negative"),
+        ({"hostname": "h" * 65}, "hostname"),
+        ({"binds": ("/a",)}, "binds"),
+    ],
+)
+def test_spec_rejects_bad_values(change: dict[str, object], problem: str) -> None:
+    with pytest.raises(ValueError, match=f"invalid sandbox spec: .*{problem}"):
+        replace(full_spec(), **change)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{",
+        "[]",
+        json.dumps({"root": "/r", "argv": ["true"], "env": [], "color": "red"}),
+        json.dumps({"root": "/r", "argv": ["true"]}),
+        json.dumps({"root": "/r", "argv": ["true"], "env": [], "binds": [{"src": "/a"}]}),
+        json.dumps({"root": "/r", "argv": ["true"], "env": [], "binds": [{"source": "a", "target": "/a"}]}),
+    ],
+)
+def test_from_json_rejects_bad_specs(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid sandbox spec"):
+        SandboxSpec.from_json(text)
+
+
+def test_script_reports_a_bad_spec_as_a_setup_failure() -> None:
+    result = subprocess.run(
+        [sys.executable, "-I", sandbox.__file__, "--json", "{"], capture_output=True, text=True
+    )
+    assert result.returncode == SETUP_FAILED
+    assert result.stderr.startswith("sandbox: invalid sandbox spec: not JSON")
+    assert result.stderr.count("\n") == 1
+
+
+# --- the real thing -------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    status: int
+    out: str
+    err: str
+
+
+@dataclass
+class Rootfs:
+    lower: Path
+    upper: Path
+    merged: Path
+    tmp: Path  # TMPDIR of the script: must stay empty
+    logs: Path
+    token: str  # in the environment of every process of this test, and of no other
+
+    def spec(self, *argv: str, **fields: object) -> SandboxSpec:
+        fields.setdefault("env", (*PATH, (TOKEN, self.token)))
+        return SandboxSpec(root=str(self.merged), argv=argv, **fields)  # type: ignore[arg-type]
+
+    def run(self, *argv: str, **fields: object) -> Result:
+        return self.run_spec(self.spec(*argv, **fields))
+
+    def run_spec(self, spec: SandboxSpec) -> Result:
+        out, err = self.logs / "out", self.logs / "err"
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            status = run_sandboxed(spec, stdout=stdout, stderr=stderr)
+        return Result(status, out.read_text(), err.read_text())
+
+    def processes(self, text: str = "") -> list[int]:
+        """This test's processes (by token) whose command line contains text; not zombies."""
+        pids = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            ours = f"{TOKEN}={self.token}".encode() in environ and int(entry) != os.getpid()
+            if ours and cmdline and text.encode() in cmdline:
+                pids.append(int(entry))
+        return pids
+
+    def upper_entries(self) -> list[str]:
+        return sorted(str(p.relative_to(self.upper)) for p in self.upper.rglob("*"))
+
+
+@pytest.fixture
+def rootfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rootfs]:
+    paths = (tmp_path / name for name in ("lower", "upper", "merged", "tmp", "logs"))
+    fs = Rootfs(*paths, token=uuid.uuid4().hex)
+    for path in (fs.lower / "bin", fs.upper, tmp_path / "work", fs.merged, fs.tmp, fs.logs):
+        path.mkdir(parents=True)
+    shutil.copy2(BUSYBOX, fs.lower / "bin/busybox")
+    for applet in APPLETS:
+        (fs.lower / "bin" / applet).symlink_to("busybox")
+    (fs.lower / "lib").symlink_to("usr/lib")  # for the host's /usr, when a test binds it
+    (fs.lower / "lib64").symlink_to("usr/lib64")
+    monkeypatch.setenv("TMPDIR", str(fs.tmp))
+    monkeypatch.setenv(TOKEN, fs.token)  # the script inherits it; commands get it from the spec
+    options = f"lowerdir={fs.lower},upperdir={fs.upper},workdir={tmp_path / 'work'},index=off"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, fs.merged], check=True)
+    try:
+        yield fs
+    finally:
+        subprocess.run(["umount", fs.merged], check=True)
+    assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text(), "a mount leaked"
+    assert list(fs.tmp.iterdir()) == [], "the script left its temp dir behind"
+    assert not fs.processes(), "a process was left behind"
+
+
+def _wait_for(condition: Callable[[], object], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def _in_background(action: Callable[[], None]) -> threading.Thread:
+    thread = threading.Thread(target=action, daemon=True)
+    thread.start()
+    return thread
+
+
+@needs_root
+@pytest.mark.parametrize("code", [0, 1, 7, 255])
+def test_exit_status_passes_through(rootfs: Rootfs, code: int) -> None:
+    assert rootfs.run("sh", "-c", f"exit {code}").status == code
+
+
+@needs_root
+def test_environment_is_exactly_the_spec(rootfs: Rootfs) -> None:
+    env = (("PATH", "/bin"), ("B", "two words"), ("A", ""))
+    assert rootfs.run("env", env=env).out == "PATH=/bin\nB=two words\nA=\n"
+
+
+@needs_root
+def test_stdin_is_dev_null(rootfs: Rootfs) -> None:
+    result = rootfs.run("cat")
+    assert (result.status, result.out) == (0, "")
+
+
+@needs_root
+def test_user_groups_and_a_created_working_directory(rootfs: Rootfs) -> None:
+    result = rootfs.run("sh", "-c", "id; pwd", uid=1000, gid=1001, groups=(44, 27), cwd="/w/d")
+    assert result.out == "uid=1000 gid=1001 groups=27,44\n/w/d\n"
+    for path in (rootfs.upper / "w", rootfs.upper / "w/d"):  # kept, as Docker keeps WORKDIR
+        st = path.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o755)
+
+
+@needs_root
+def test_hostname_and_generated_etc_files(rootfs: Rootfs) -> None:
+    script = "hostname; cat /etc/hostname /etc/hosts /etc/resolv.conf; echo x >/etc/hosts"
+    spec = rootfs.spec("sh", "-c", script, hostname="step-3", resolv_conf="nameserver 192.0.2.1\n")
+    result = rootfs.run_spec(spec)
+    assert result.out == "step-3\nstep-3\n" + spec.hosts + "nameserver 192.0.2.1\n"
+    assert result.status != 0 and "Read-only file system" in result.err
+
+
+@needs_root
+def test_resolv_conf_defaults_to_the_hosts(rootfs: Rootfs) -> None:
+    host = Path("/etc/resolv.conf").read_text() if Path("/etc/resolv.conf").exists() else ""
+    assert rootfs.run("cat", "/etc/resolv.conf").out == host
+
+
+@needs_root
+def test_command_is_pid_1_and_host_processes_are_invisible(rootfs: Rootfs) -> None:
+    lines = rootfs.run("sh", "-c", "echo $$; ls /proc").out.split()
+    assert lines[0] == "1"
+    assert {int(entry) for entry in lines[1:] if entry.isdigit()} <= {1, 2}
+
+
+@needs_root
+def test_api_filesystems(rootfs: Rootfs) -> None:
+    script = (
+        "ls /dev; echo ok >/dev/null; head -c 4 /dev/zero | wc -c;"
+        " touch /sys/x 2>/dev/null || echo sys-ro; touch /proc/sys/x 2>/dev/null || echo proc-sys-ro;"
+        " touch /dev/shm/x && echo shm-rw"
+    )
+    (rootfs.lower / "bin/head").symlink_to("busybox")
+    (rootfs.lower / "bin/wc").symlink_to("busybox")
+    words = rootfs.run("sh", "-c", script).out.split()
+    devices = {"null", "zero", "full", "random", "urandom", "tty", "pts", "shm", "ptmx", "fd"}
+    assert devices <= set(words)
+    assert words[-4:] == ["4", "sys-ro", "proc-sys-ro", "shm-rw"]
+
+
+@needs_root
+def test_network_none_has_only_loopback_and_it_is_up(rootfs: Rootfs) -> None:
+    result = rootfs.run("sh", "-c", "ls /sys/class/net; cat /sys/class/net/lo/flags", network="none")
+    names, flags = result.out.split()
+    assert names == "lo" and int(flags, 16) & 1
+    host = sorted(os.listdir("/sys/class/net"))
+    assert rootfs.run("ls", "/sys/class/net").out.split() == host
+
+
+ESCAPE = """
+import os
+os.mkdir("/x")
+os.chroot("/x")  # root is now /x, while the working directory stays outside it
+for _ in range(64):
+    os.chdir("..")
+os.chroot(".")
+print(os.path.exists({marker!r}))
+"""
+
+
+@needs_root
+def test_classic_chroot_escape_does_not_reach_the_host(rootfs: Rootfs, tmp_path: Path) -> None:
+    marker = tmp_path / "host-marker"
+    marker.touch()
+    code = ESCAPE.format(marker=str(marker))
+    result = rootfs.run("/usr/bin/python3", "-I", "-S", "-c", code, binds=(BindMount("/usr", "/usr"),))
+    assert (result.status, result.out, result.err) == (0, "False\n", ""), "HOST ROOT REACHED"
+
+
+@needs_root
+def test_the_escape_works_against_a_bare_chroot(rootfs: Rootfs, tmp_path: Path) -> None:
+    """The control: the escape test above would notice an escape."""
+    marker = tmp_path / "host-marker"
+    marker.touch()
+    (rootfs.merged / "usr").mkdir()
+    python = f"python3 -I -S -c {shlex.quote(ESCAPE.format(marker=str(marker)))}"
+    script = f"mount --bind /usr {rootfs.merged}/usr && chroot {rootfs.merged} {python}"
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True)
+    assert result.stdout == "True\n", result.stderr
+
+
+@needs_root
+def test_writing_through_proc_1_root_stays_in_the_root(rootfs: Rootfs, tmp_path: Path) -> None:
+    marker = tmp_path / "host-marker"
+    marker.touch()
+    (rootfs.lower / "bin/mkdir").symlink_to("busybox")
+    script = (
+        f"test -e /proc/1/root{marker} && echo host-visible;"
+        f" mkdir -p /proc/1/root{tmp_path} && echo pwned >/proc/1/root{tmp_path}/pwned"
+    )
+    result = rootfs.run("sh", "-c", script)
+    assert (result.status, result.out) == (0, "")
+    assert not (tmp_path / "pwned").exists(), "HOST PATH WAS CHANGED"
+    assert (rootfs.merged / str(tmp_path)[1:] / "pwned").read_text() == "pwned\n"
+
+
+@needs_root
+def test_stubs_in_an_empty_root_leave_nothing_in_the_layer(rootfs: Rootfs) -> None:
+    before = rootfs.merged.stat().st_mtime_ns
+    data = rootfs.tmp.parent / "data"
+    data.mkdir()
+    result = rootfs.run("ls", "/proc/1", "/mnt/data", binds=(BindMount(str(data), "/mnt/data"),))
+    assert result.status == 0, result.err
+    assert rootfs.upper_entries() == []
+    assert rootfs.merged.stat().st_mtime_ns == before
+
+
+@needs_root
+def test_pre_existing_mount_points_stay_and_symlinks_resolve_in_the_root(rootfs: Rootfs) -> None:
+    etc = rootfs.lower / "etc"
+    etc.mkdir()
+    (etc / "hosts").write_text("mine\n")
+    (etc / "resolv.conf").symlink_to("../run/resolv.conf")  # dangling, as in systemd images
+    (rootfs.lower / "proc").mkdir()
+    os.utime(etc, ns=(10**18, 10**18))
+    result = rootfs.run("cat", "/etc/hosts", "/run/resolv.conf", resolv_conf="nameserver ::1\n")
+    assert result.out.endswith("builder\n::1\tlocalhost ip6-localhost ip6-loopback\nnameserver ::1\n")
+    assert (rootfs.merged / "etc/hosts").read_text() == "mine\n"
+    assert (rootfs.merged / "proc").is_dir()
+    assert rootfs.upper_entries() == ["etc"]  # copied up by the stub, then restored as it was
+    assert (rootfs.merged / "etc").stat().st_mtime_ns == 10**18
+
+
+@needs_root
+def test_a_stub_parent_the_command_changed_keeps_its_new_mtime(rootfs: Rootfs) -> None:
+    (rootfs.lower / "etc").mkdir()
+    os.utime(rootfs.lower / "etc", ns=(10**18, 10**18))
+    assert rootfs.run("touch", "/etc/new").status == 0
+    assert rootfs.upper_entries() == ["etc", "etc/new"]
+    assert (rootfs.merged / "etc").stat().st_mtime_ns != 10**18
+
+
+@needs_root
+def test_bind_mounts_read_only_and_read_write(rootfs: Rootfs, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "in").write_text("from host\n")
+    script = "cat /data/in; touch /data/out"
+    result = rootfs.run("sh", "-c", script, binds=(BindMount(str(data), "/data"),))
+    assert result.out == "from host\n" and "Read-only file system" in result.err
+    bind = BindMount(str(data), "/data", readonly=False)
+    assert rootfs.run("sh", "-c", script, binds=(bind,)).status == 0
+    assert (data / "out").exists()
+    assert rootfs.upper_entries() == []
+
+
+@needs_root
+def test_missing_and_unrunnable_commands_fail_like_a_shell(rootfs: Rootfs) -> None:
+    missing = rootfs.run("no-such-command")
+    assert missing.status == 127
+    assert missing.err == "sandbox: no-such-command: command not found in PATH /bin.\n"
+    (rootfs.lower / "bin/script").write_text("#!/bin/sh\n")
+    assert rootfs.run("script").status == 126
+    assert rootfs.run("/bin/nope").status == 127
+
+
+@needs_root
+def test_setup_failures_exit_125_with_one_sentence(rootfs: Rootfs, tmp_path: Path) -> None:
+    spec = replace(rootfs.spec("true"), root=str(tmp_path / "missing"))
+    result = rootfs.run_spec(spec)
+    assert result.status == SETUP_FAILED
+    assert result.err == f"sandbox: the root {tmp_path}/missing is not a directory.\n"
+    (rootfs.lower / "dev").write_text("not a directory")
+    result = rootfs.run("true")
+    assert (result.status, result.err) == (
+        125,
+        "sandbox: /dev in the root must be a directory to mount on it.\n",
+    )
+
+
+@needs_root
+def test_a_command_killed_by_a_signal_gives_128_plus_n(rootfs: Rootfs) -> None:
+    seen: list[str] = []
+
+    def kill_the_command() -> None:
+        _wait_for(lambda: rootfs.processes("sleep 4243"))
+        # The host sees only the overlay: the sandbox's mounts live in its own namespace.
+        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+        seen.extend(line for line in mounts if str(rootfs.merged) in line)
+        os.kill(rootfs.processes("sleep 4243")[0], signal.SIGKILL)
+
+    thread = _in_background(kill_the_command)
+    assert rootfs.run("sleep", "4243").status == 128 + signal.SIGKILL
+    thread.join()
+    assert len(seen) == 1 and " overlay " in seen[0]
+
+
+@needs_root
+def test_an_interrupted_caller_leaves_no_process_behind(rootfs: Rootfs) -> None:
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    def interrupt_main_thread() -> None:
+        _wait_for(lambda: rootfs.processes("sleep 4244") and rootfs.processes("sleep 4245"))
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        thread = _in_background(interrupt_main_thread)
+        with pytest.raises(KeyboardInterrupt):
+            rootfs.run("sh", "-c", "sleep 4244 & sleep 4245")
+        thread.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert rootfs.processes() == []
+    assert rootfs.upper_entries() == []
+
+
+@needs_root
+def test_a_caller_killed_outright_leaves_nothing_behind(rootfs: Rootfs) -> None:
+    spec_file = rootfs.logs / "spec.json"
+    spec_file.write_text(rootfs.spec("sh", "-c", "sleep 4246 & sleep 4247").to_json())
+    code = (
+        "import sys; from builder import sandbox as s;"
+        " s.run_sandboxed(s.SandboxSpec.from_json(open(sys.argv[1]).read()))"
+    )
+    caller = subprocess.Popen([sys.executable, "-c", code, spec_file], cwd=REPO)
+    try:
+        _wait_for(lambda: rootfs.processes("sleep 4246") and rootfs.processes("sleep 4247"))
+    finally:
+        caller.kill()
+        caller.wait()
+    # The script gets SIGTERM as its parent-death signal: it kills the tree, then cleans up.
+    _wait_for(lambda: not rootfs.processes())
+    assert rootfs.upper_entries() == []
+
+
+@needs_root
+def test_a_killed_script_takes_the_command_with_it(rootfs: Rootfs) -> None:
+    def kill_the_script() -> None:
+        _wait_for(lambda: rootfs.processes("sleep 4248"))
+        os.kill(rootfs.processes(sandbox.__file__)[0], signal.SIGKILL)
+
+    thread = _in_background(kill_the_script)
+    assert rootfs.run("sleep", "4248").status == 128 + signal.SIGKILL
+    thread.join()
+    _wait_for(lambda: not rootfs.processes("sleep 4248"))
+    # SIGKILL gave the script no chance to clean up; the builder discards such a step anyway.
+    for leftover in rootfs.tmp.iterdir():
+        shutil.rmtree(leftover)
+
+
+@needs_root
+def test_describe_replays_the_step(rootfs: Rootfs) -> None:
+    spec = rootfs.spec("sh", "-c", 'echo "it\'s $X"; exit 3', env=(("X", "a 'b'"),))
+    result = subprocess.run(spec.describe(), shell=True, capture_output=True, text=True)
+    assert (result.returncode, result.stdout) == (3, "it's a 'b'\n")
