@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 from builder.build import BuildRequest, Output, build, plan_build, resolve_image
-from builder.errors import BuilderError
+from builder.errors import BuilderError, SandboxError
 from builder.layout import import_layout
 from builder.oci import parse_reference
+from builder.sandbox import private_mount_namespace
 from builder.store import Store, default_root
 
 __all__ = ["main"]
@@ -87,9 +90,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: the running step is killed, mounts undone
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
+        if args.command == "build":
+            try:
+                private_mount_namespace()
+            except OSError as exc:
+                raise SandboxError(f"builder needs root to build: {exc}") from exc
         return _dispatch(args)
     except BuilderError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -21,15 +21,15 @@ from typing import Any
 from builder.buildcontext import BuildContext
 from builder.digest import sha256_digest
 from builder.errors import BuilderError, ContextError, StepFailed
-from builder.fscopy import CopySource, copy_sources, make_dirs, parse_chmod, walk_tree
+from builder.fscopy import make_dirs
 from builder.layer import Compression, write_layer
 from builder.oci import canonical_json, format_time
 from builder.plan import ConfigStep, CopyStep, RunStep, Stage, Step, WorkdirStep
-from builder.rootpath import resolve_in_root
 from builder.sandbox import SandboxSpec, run_sandboxed
 from builder.snapshot import Mounted, Snapshotter
 from builder.store import Store
-from builder.users import Identity, resolve_chown, resolve_user
+from builder.transfer import context_sources, run_copy
+from builder.users import Identity, resolve_user
 
 __all__ = ["BuildSettings", "ImageState", "Layer", "StageExecutor"]
 
@@ -166,8 +166,10 @@ class StageExecutor:
         origin = self._origin(step, sources)
         if origin is not None:
             return origin.diff_ids  # a stage's or image's content is named by its layers
-        matched = [s for pattern in step.sources for s in self._match(step, pattern)]
-        return self.context.digest(matched)
+        try:
+            return self.context.digest(context_sources(step, self.context))
+        except BuilderError as exc:
+            raise self._fail(step, str(exc)) from exc
 
     def _cached(self, key: str) -> Json | None:
         """A recorded result whose layer is still in the store, or None."""
@@ -249,73 +251,17 @@ class StageExecutor:
             return sources[step.from_image]
         return None
 
-    def _match(self, step: CopyStep, pattern: str) -> list[Any]:
-        try:
-            matched = self.context.match(pattern)
-        except ContextError as exc:
-            raise self._fail(step, str(exc)) from exc
-        if not matched:
-            raise self._fail(
-                step,
-                f"COPY source {pattern!r} is not in the build context (or .dockerignore excludes it).",
-            )
-        return matched
-
     def _copy(self, step: CopyStep, mounted: Mounted, sources: Mapping[int | str, ImageState]) -> None:
-        try:
-            owner = resolve_chown(mounted.merged, step.chown) if step.chown else None
-            chmod = parse_chmod(step.chmod) if step.chmod else None
-        except BuilderError as exc:
-            raise self._fail(step, str(exc)) from exc
-        into_dir = step.dest.endswith("/") or len(step.sources) + len(step.inline) > 1
-        into_dir = into_dir or any(ch in p for p in step.sources for ch in "*?[")
         origin = self._origin(step, sources)
+        staging = self.workdir / "heredocs" / str(step.line)
         try:
-            if step.inline:
-                self._copy_inline(step, mounted, owner, chmod, into_dir)
             if origin is None:
-                found = [s for pattern in step.sources for s in self._match(step, pattern)]
-                items = [
-                    CopySource(s.path, s.path.name, (lambda s=s: self.context.walk(s)))  # type: ignore[misc]
-                    for s in found
-                ]
-                copy_sources(
-                    items,
-                    mounted.merged,
-                    step.dest,
-                    into_dir=into_dir,
-                    owner=owner or _ROOT,
-                    chmod=chmod,
-                )
+                run_copy(step, mounted.merged, self.context, None, staging)
                 return
             with self.snapshots.mount(origin.diff_ids, self.workdir, writable=False) as src:
-                items = [self._stage_source(step, src.merged, pattern) for pattern in step.sources]
-                copy_sources(items, mounted.merged, step.dest, into_dir=into_dir, owner=owner, chmod=chmod)
-        except (OSError, ContextError) as exc:
-            raise self._fail(step, f"COPY failed: {exc}") from exc
-
-    def _stage_source(self, step: CopyStep, root: Path, pattern: str) -> CopySource:
-        path = resolve_in_root(root, pattern)
-        if not path.exists() and not path.is_symlink():
-            raise self._fail(step, f"COPY --from source {pattern!r} does not exist in that stage or image.")
-        return CopySource(path, path.name, lambda: walk_tree(path))
-
-    def _copy_inline(
-        self,
-        step: CopyStep,
-        mounted: Mounted,
-        owner: Identity | None,
-        chmod: int | None,
-        into_dir: bool,
-    ) -> None:
-        staging = Path(self.workdir) / "heredocs" / str(step.line)
-        staging.mkdir(parents=True, exist_ok=True)
-        items = []
-        for name, content in step.inline:
-            (staging / name).write_text(content)
-            (staging / name).chmod(0o644)
-            items.append(CopySource(staging / name, name, lambda: iter(())))
-        copy_sources(items, mounted.merged, step.dest, into_dir=into_dir, owner=owner or _ROOT, chmod=chmod)
+                run_copy(step, mounted.merged, self.context, src.merged, staging)
+        except BuilderError as exc:
+            raise self._fail(step, str(exc)) from exc
 
     def _mkdir(self, step: WorkdirStep, mounted: Mounted) -> None:
         try:

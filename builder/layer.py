@@ -2,9 +2,11 @@
 
 The differ follows BuildKit's overlay differ (``util/overlay/overlay_linux.go``): it walks only
 the upper dir and asks the lower snapshots whether an entry really changed or was only copied
-up. The tar is deterministic by construction: entries in walk order with children sorted by
-name bytes (a directory's subtree stays contiguous, as in BuildKit's and GNU tar's walks), PAX
-records only where ustar cannot hold a value, integer mtimes, numeric owners, no atime/ctime.
+up. The tar is deterministic by construction: PAX records only where ustar cannot hold a
+value, integer mtimes, numeric owners, no atime/ctime, and entries in walk order: children
+sorted by name bytes, each directory followed by its whole subtree (as BuildKit's walk and GNU
+tar's --sort=name), a whiteout at the place of the name it deletes, and an opaque marker right
+after its directory so that no applier meets it after siblings it must not hide.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import BinaryIO, Protocol, cast
+from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
 
 import zstandard
 from isal import igzip, igzip_threaded
@@ -30,9 +32,8 @@ from builder.digest import HashingWriter
 from builder.errors import LayerError
 from builder.tarsafe import OPAQUE_XATTR, WHITEOUT_OPAQUE, WHITEOUT_PREFIX, apply_layer
 
-# isal ships no type information for these two.
-_gzip_writer = cast("Callable[..., _Closable]", igzip_threaded.open)
-_gzip_reader = cast("Callable[..., BinaryIO]", igzip.IGzipFile)
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 __all__ = [
     "COMPRESSIONS",
@@ -65,6 +66,9 @@ _OVERLAY_UNSUPPORTED = (
     "user.overlay.metacopy",
 )
 _CAPABILITY = "security.capability"
+# isal ships no type information for these two.
+_gzip_writer = cast("Callable[..., _Closable]", igzip_threaded.open)
+_gzip_reader = cast("Callable[..., BinaryIO]", igzip.IGzipFile)
 # Names and xattr values are bytes; surrogateescape carries any byte through tarfile and back.
 _UTF8 = ("utf-8", "surrogateescape")
 
@@ -154,7 +158,7 @@ def _xattr_names(path: bytes) -> list[str]:
 
 def _keep_xattr(name: str) -> bool:
     # security.selinux is the host's label, not the image's; overlay's own never leave it.
-    if name in (_CAPABILITY,):
+    if name == _CAPABILITY:
         return True
     if name == "security.selinux" or name.startswith(("user.overlay.", "security.overlay.")):
         return False
@@ -192,8 +196,21 @@ def _child_view(view: tuple[bytes, ...], name: bytes) -> tuple[bytes, ...]:
     return tuple(merged)
 
 
+def _kept_xattrs(path: bytes, names: Sequence[str] | None = None) -> dict[str, bytes]:
+    """The xattrs a layer carries, by name: capabilities, user.* and security.*."""
+    found: dict[str, bytes] = {}
+    for name in _xattr_names(path) if names is None else names:
+        if _keep_xattr(name) and (value := _getxattr(path, name)) is not None:
+            found[name] = value
+    return found
+
+
 def _same_dirent(lower: bytes, lst: os.stat_result, upper: bytes, ust: os.stat_result) -> bool:
-    """Whether an upper entry is only a copy-up of the lower one (BuildKit's ``sameDirent``)."""
+    """Whether an upper entry is only a copy-up of the lower one (BuildKit's ``sameDirent``).
+
+    BuildKit compares only security.capability; comparing every xattr the layer would carry
+    also catches a step that only ran setfattr (which moves ctime, not mtime).
+    """
     if (lst.st_mode, lst.st_uid, lst.st_gid, lst.st_rdev) != (
         ust.st_mode,
         ust.st_uid,
@@ -201,7 +218,7 @@ def _same_dirent(lower: bytes, lst: os.stat_result, upper: bytes, ust: os.stat_r
         ust.st_rdev,
     ):
         return False
-    if _getxattr(lower, _CAPABILITY) != _getxattr(upper, _CAPABILITY):
+    if _kept_xattrs(lower) != _kept_xattrs(upper):
         return False
     if stat.S_ISDIR(ust.st_mode):
         return True
@@ -383,12 +400,8 @@ class _Differ:
 
 
 def _pax_xattrs(path: bytes, names: list[str]) -> dict[str, str]:
-    records: dict[str, str] = {}
-    for name in names:  # sorted, so the records are too
-        value = _getxattr(path, name) if _keep_xattr(name) else None
-        if value is not None:
-            records["SCHILY.xattr." + name] = value.decode(*_UTF8)
-    return records
+    # The names come sorted, so the records do too.
+    return {"SCHILY.xattr." + k: v.decode(*_UTF8) for k, v in _kept_xattrs(path, names).items()}
 
 
 # -- compression ------------------------------------------------------------------------------
@@ -523,7 +536,7 @@ class _Reader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+    def readinto(self, buffer: WriteableBuffer, /) -> int:
         view = memoryview(buffer).cast("B")
         if self._head:
             n = min(len(view), len(self._head))

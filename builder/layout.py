@@ -28,7 +28,7 @@ from builder.oci import (
 )
 from builder.store import Store
 
-__all__ = ["ImageRecord", "export_layout", "import_layout", "image_blobs", "write_layout_tar"]
+__all__ = ["ImageRecord", "export_layout", "image_blobs", "import_layout", "write_layout_tar"]
 
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"

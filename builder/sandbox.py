@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import IO, Any, NoReturn
 
-__all__ = ["SETUP_FAILED", "BindMount", "SandboxSpec", "main", "run_sandboxed"]
+__all__ = ["SETUP_FAILED", "BindMount", "SandboxSpec", "main", "private_mount_namespace", "run_sandboxed"]
 
 SETUP_FAILED = 125  # like `docker run`: the sandbox failed, not the command
 _NOT_EXECUTABLE = 126
@@ -63,23 +63,19 @@ _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, 
 
 # The host devices a build may use; bind-mounted over empty files in a fresh tmpfs /dev.
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
-_DEV_LINKS = (
-    ("fd", "/proc/self/fd"),
-    ("stdin", "/proc/self/fd/0"),
-    ("stdout", "/proc/self/fd/1"),
-    ("stderr", "/proc/self/fd/2"),
-    ("ptmx", "pts/ptmx"),
-)
+_DEV_LINKS = {"fd": "/proc/self/fd", "ptmx": "pts/ptmx"} | {
+    name: f"/proc/self/fd/{fd}" for fd, name in enumerate(("stdin", "stdout", "stderr"))
+}
 _ETC_FILES = ("hosts", "resolv.conf", "hostname")
 # Remounting a bind read-only must repeat the flags the kernel locks on the source mount.
-_LOCKED_FLAGS = (
-    (os.ST_NOSUID, MS_NOSUID),
-    (os.ST_NODEV, MS_NODEV),
-    (os.ST_NOEXEC, MS_NOEXEC),
-    (os.ST_NOATIME, MS_NOATIME),
-    (os.ST_NODIRATIME, MS_NODIRATIME),
-    (os.ST_RELATIME, MS_RELATIME),
-)
+_LOCKED_FLAGS = {
+    os.ST_NOSUID: MS_NOSUID,
+    os.ST_NODEV: MS_NODEV,
+    os.ST_NOEXEC: MS_NOEXEC,
+    os.ST_NOATIME: MS_NOATIME,
+    os.ST_NODIRATIME: MS_NODIRATIME,
+    os.ST_RELATIME: MS_RELATIME,
+}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p,) * 3 + (ctypes.c_ulong, ctypes.c_char_p)
@@ -130,7 +126,7 @@ class SandboxSpec:
         )
         _expect(pairs, "env must be a list of [name, value] string pairs")
         names = [name for name, _ in self.env]
-        _expect(all(name and "=" not in name for name in names), "env names need no '='")
+        _expect(all(name and "=" not in name for name in names), "env names must be non-empty, no '='")
         _expect(len(set(names)) == len(names), "env names must be unique")
         ids = isinstance(self.groups, tuple) and all(
             type(n) is int and n >= 0 for n in (self.uid, self.gid, *self.groups)
@@ -140,8 +136,6 @@ class SandboxSpec:
         _expect(self.network in _NETWORKS, f"network must be one of {', '.join(_NETWORKS)}")
         binds = isinstance(self.binds, tuple)
         _expect(binds and all(isinstance(b, BindMount) for b in self.binds), "bad binds")
-        if not self.hosts:
-            object.__setattr__(self, "hosts", _default_hosts(self.hostname))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -156,12 +150,8 @@ class SandboxSpec:
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         _expect(not unknown, f"unknown fields {', '.join(unknown)}")
         # JSON has lists where the spec has tuples (and dicts where it has BindMounts).
-        convert: dict[str, Callable[[list[Any]], object]] = {
-            "argv": tuple,
-            "groups": tuple,
-            "env": _pairs,
-            "binds": _bind_mounts,
-        }
+        convert: dict[str, Callable[[list[Any]], object]]
+        convert = {"argv": tuple, "groups": tuple, "env": _pairs, "binds": _bind_mounts}
         try:
             for name, to_tuple in convert.items():
                 if isinstance(data.get(name), list):
@@ -236,21 +226,19 @@ def main(argv: list[str]) -> int:
 
 
 class _SetupError(Exception):
-    """The sandbox could not be set up; the message is one sentence."""
+    """The sandbox could not be set up, or argv[0] not found or run (with a shell's status)."""
+
+    def __init__(self, message: str, status: int = SETUP_FAILED) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class _Interrupted(BaseException):
+    """A stop signal arrived before init existed: unwind through the cleanups and exit."""
+
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
-
-
-class _CommandError(Exception):
-    """argv[0] could not be found or executed; carries a shell's exit status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 _init_pidfd: int | None = None  # set while init runs, so a stop signal can kill its namespace
@@ -279,6 +267,7 @@ def _read_spec(argv: list[str]) -> SandboxSpec:
 
 
 def _run(spec: SandboxSpec) -> int:
+    """Prepare what init needs from the host's view, unshare, fork init; always remove the stubs."""
     if os.geteuid() != 0:
         raise _SetupError("the sandbox needs root; rootless builds are not supported yet.")
     if not os.path.isdir(spec.root):
@@ -292,8 +281,9 @@ def _run(spec: SandboxSpec) -> int:
             etc_files = _write_etc_files(spec, tmp)
             _make_cwd(spec.root, spec.cwd)
             points = _make_mount_points(spec, stubs)
-            flags = CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC
-            _libc_check(_libc.unshare(flags | _net_flag(spec)), "cannot create namespaces")
+            network = CLONE_NEWNET if spec.network == "none" else 0
+            flags = CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC | network
+            _libc_check(_libc.unshare(flags), "cannot create namespaces")
             name = spec.hostname.encode()
             _libc_check(_libc.sethostname(name, len(name)), "cannot set the hostname")
             if spec.network == "none":
@@ -303,10 +293,6 @@ def _run(spec: SandboxSpec) -> int:
             raise _SetupError(f"cannot prepare {e.filename or 'the sandbox'}: {e.strerror}.") from e
         finally:
             stubs.remove()
-
-
-def _net_flag(spec: SandboxSpec) -> int:
-    return CLONE_NEWNET if spec.network == "none" else 0
 
 
 def _fork_init(spec: SandboxSpec, points: _MountPoints, etc_files: dict[str, str]) -> int:
@@ -354,14 +340,27 @@ def _init(spec: SandboxSpec, points: _MountPoints, etc_files: dict[str, str]) ->
         _prctl_pdeathsig(signal.SIGKILL)
         _enter_root(spec, points, etc_files)
         _exec_command(spec)
-    except _CommandError as e:
+    except _SetupError as e:
         status = e.status
         print(f"sandbox: {e}", file=sys.stderr, flush=True)
-    except _SetupError as e:
-        print(f"sandbox: {e}", file=sys.stderr, flush=True)
+    except OSError as e:
+        print(f"sandbox: cannot set up the root: {e}.", file=sys.stderr, flush=True)
     except BaseException as e:  # a bug here must still end this process, never return
         print(f"sandbox: unexpected error while setting up: {e!r}.", file=sys.stderr, flush=True)
     os._exit(status)
+
+
+def private_mount_namespace() -> None:
+    """Move the calling (single-threaded) process into a private mount namespace of its own.
+
+    What it mounts afterwards is invisible to the host and vanishes with the process, even
+    when the process is killed: a build can never leave a mount behind. Raises OSError.
+    """
+    try:
+        _libc_check(_libc.unshare(CLONE_NEWNS), "cannot create a mount namespace")
+        _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    except _SetupError as e:
+        raise OSError(str(e)) from None
 
 
 def _enter_root(spec: SandboxSpec, points: _MountPoints, etc_files: dict[str, str]) -> None:
@@ -397,7 +396,7 @@ def _mount_dev(dev: str) -> None:
     _mount("devpts", pts, "devpts", MS_NOSUID | MS_NOEXEC, options)
     os.mkdir(shm, 0o755)
     _mount("shm", shm, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=65536k")
-    for name, target in _DEV_LINKS:
+    for name, target in _DEV_LINKS.items():
         os.symlink(target, os.path.join(dev, name))
 
 
@@ -442,9 +441,9 @@ def _exec(argv: tuple[str, ...], env: dict[str, str]) -> NoReturn:
         except OSError as e:  # EACCES, ENOEXEC, ...: keep looking, as execvp does
             unrunnable = unrunnable or e
     if unrunnable is not None:
-        raise _CommandError(_NOT_EXECUTABLE, f"{name}: cannot execute: {unrunnable.strerror}.")
+        raise _SetupError(f"{name}: cannot execute: {unrunnable.strerror}.", _NOT_EXECUTABLE)
     where = "" if "/" in name else f" in PATH {search}"
-    raise _CommandError(_NOT_FOUND, f"{name}: command not found{where}.")
+    raise _SetupError(f"{name}: command not found{where}.", _NOT_FOUND)
 
 
 @dataclass(frozen=True)
@@ -588,7 +587,8 @@ def _write_etc_files(spec: SandboxSpec, tmp: str) -> dict[str, str]:
     if not resolv_conf:
         with contextlib.suppress(FileNotFoundError), open("/etc/resolv.conf") as f:
             resolv_conf = f.read()
-    contents = {"hosts": spec.hosts, "resolv.conf": resolv_conf, "hostname": spec.hostname + "\n"}
+    hosts = spec.hosts or _default_hosts(spec.hostname)
+    contents = {"hosts": hosts, "resolv.conf": resolv_conf, "hostname": spec.hostname + "\n"}
     paths = {}
     for name, text in contents.items():
         paths[name] = os.path.join(tmp, name)
@@ -618,7 +618,7 @@ def _bind(source: str, target: str, *, readonly: bool) -> None:
     _mount(source, target, None, MS_BIND | MS_REC)
     if readonly:  # MS_RDONLY is ignored on the first call; a bind goes read-only by a remount
         locked = os.statvfs(target).f_flag
-        kept = sum(ms for st, ms in _LOCKED_FLAGS if locked & st)
+        kept = sum(ms for st, ms in _LOCKED_FLAGS.items() if locked & st)
         _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | kept)
 
 

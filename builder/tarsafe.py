@@ -56,6 +56,8 @@ def apply_layer(tar_stream: BinaryIO, root: Path, *, overlay_whiteouts: bool) ->
                     extractor.apply(member, tar)
         except (tarfile.TarError, EOFError) as e:
             raise LayerError(f"The layer applied to {root} is not a valid tar: {e}.") from e
+        except OSError as e:  # reading the stream itself failed
+            raise LayerError(f"Cannot read the layer applied to {root}: {e}.") from e
         extractor.finish()
     finally:
         os.close(root_fd)
@@ -124,11 +126,14 @@ class _Extractor:
             self._apply(member, tar)
         except LayerError:
             raise
-        except OSError as e:
-            detail = e.strerror or str(e)
+        except (OSError, ValueError, OverflowError) as e:
+            # ValueError: a NaN time; OverflowError: ids, devices or times too big.
+            detail = (e.strerror if isinstance(e, OSError) else None) or str(e)
             raise LayerError(f"Cannot apply layer entry {member.name!r}: {detail}.") from e
 
     def _apply(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+        if "\0" in member.name or "\0" in member.linkname:  # only a PAX record can hold one
+            raise LayerError(f"Layer entry {member.name!r} has a NUL byte in its name or link.")
         parts = clean_name(member.name)
         if not parts:
             self._apply_root(member)

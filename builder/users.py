@@ -42,10 +42,10 @@ def resolve_user(root: Path, spec: str) -> Identity:
     uid = gid = None
     name = None
     for record in _table(root, "/etc/passwd"):
-        if len(record) >= 4 and (record[0] == user or (user.isdigit() and record[2] == user)):
-            if record[2].isdigit() and record[3].isdigit():
-                uid, gid, name = int(record[2]), int(record[3]), record[0]
-                break
+        named = len(record) >= 4 and (record[0] == user or (user.isdigit() and record[2] == user))
+        if named and record[2].isdigit() and record[3].isdigit():
+            uid, gid, name = int(record[2]), int(record[3]), record[0]
+            break
     if uid is None:
         if not user.isdigit():
             raise BuilderError(f"unable to find user {user!r}: no matching entry in /etc/passwd.")

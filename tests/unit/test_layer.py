@@ -127,8 +127,11 @@ def write(path: Path, data: bytes, mtime: int | None = None) -> None:
         os.utime(path, (mtime, mtime))
 
 
-def tree(root: Path, *, root_mtime: bool = False) -> dict[str, tuple[object, ...]]:
-    """Everything a layer can carry about each path below ``root``, for comparing trees."""
+def tree(root: Path, *, host: bool = False) -> dict[str, tuple[object, ...]]:
+    """Everything a layer can carry about each path below ``root``, for comparing trees.
+
+    The root's own mtime and trusted.* xattrs (overlay's bookkeeping) count only for ``host``.
+    """
     result: dict[str, tuple[object, ...]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -145,9 +148,9 @@ def tree(root: Path, *, root_mtime: bool = False) -> dict[str, tuple[object, ...
             xattrs = tuple(
                 (k, os.getxattr(path, k, follow_symlinks=False))
                 for k in sorted(os.listxattr(path, follow_symlinks=False))
-                if not k.startswith("trusted.")
+                if host or not k.startswith("trusted.")
             )
-            keep_time = not stat.S_ISDIR(st.st_mode) or (rel != "." or root_mtime)
+            keep_time = not stat.S_ISDIR(st.st_mode) or (rel != "." or host)
             mtime = st.st_mtime_ns // 10**9 if keep_time else None
             result[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_rdev)
             result[rel] += (st.st_size if kind == stat.S_IFREG else 0, extra, xattrs, mtime)
@@ -234,6 +237,15 @@ def test_same_second_change_found_by_content(scratch: Path) -> None:
     with ovl.mounted() as m:
         write(m / "a", b"after!", mtime=T0)  # same size, same truncated time
     assert names(ovl.diff()) == ["a"]
+
+
+def test_user_xattr_only_change_counts(scratch: Path) -> None:
+    lower = make_lower(scratch, file("a", b"same"))
+    ovl = Overlay(scratch, [lower])
+    with ovl.mounted() as m:
+        os.setxattr(m / "a", "user.note", b"added")
+    infos = ovl.diff()
+    assert names(infos) == ["a"] and infos[0].pax_headers == {"SCHILY.xattr.user.note": "added"}
 
 
 def test_mtime_only_change_counts(scratch: Path) -> None:
@@ -470,6 +482,12 @@ def test_open_layer_detects_every_format(scratch: Path) -> None:
     assert open_layer(io.BytesIO(b"")).read() == b""
     with pytest.raises(LayerError, match="gzip"):
         open_layer(io.BytesIO(b"\x1f\x8b" + b"garbage" * 10)).read()
+
+
+def test_truncated_tar_is_a_layer_error(scratch: Path) -> None:
+    data = tartest.build(file("big", b"x" * 5000))[:2048]
+    with pytest.raises(LayerError, match="not a valid tar"):
+        apply_layer(io.BytesIO(data), scratch, overlay_whiteouts=False)
 
 
 def test_compression_level_out_of_range_is_a_sentence(scratch: Path) -> None:
@@ -781,13 +799,16 @@ HOSTILE: list[tuple[str, tuple[bool, ...], Build, type[LayerError] | Check]] = [
         lambda h: [file("su", P, mode=0o4755, uid=1000, gid=1000)],
         mode_of("su", 0o4755),
     ),
+    ("pax-uid-overflow", BOTH, lambda h: [file("f", P, pax={"uid": "9" * 30})], ERROR),
+    ("pax-path-with-nul", BOTH, lambda h: [file("f", P, pax={"path": "a\0/../../host/victim"})], ERROR),
+    ("pax-mtime-nan", BOTH, lambda h: [file("f", P, pax={"mtime": "nan"})], ERROR),
     ("garbage", BOTH, lambda h: [], ERROR),
 ]
 
 
 def host_state(scratch: Path) -> dict[str, tuple[object, ...]]:
     """Everything that must not change outside the root: the host dir, the scratch dir, /etc."""
-    state = {f"host:{k}": v for k, v in tree(scratch / "host", root_mtime=True).items()}
+    state = {f"host:{k}": v for k, v in tree(scratch / "host", host=True).items()}
     state["scratch"] = tuple(sorted(os.listdir(scratch)))
     for path in ("/etc/passwd", "/etc"):
         st = os.lstat(path)
