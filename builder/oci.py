@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
 from builder.digest import sha256_digest
 
 __all__ = [
     "CONFIG_MEDIA_TYPE",
+    "CONFIG_MEDIA_TYPES",
+    "DOCKER_CONFIG_MEDIA_TYPE",
+    "DOCKER_MANIFEST_LIST_MEDIA_TYPE",
+    "DOCKER_MANIFEST_MEDIA_TYPE",
+    "IMAGE_MANIFEST_MEDIA_TYPES",
     "INDEX_MEDIA_TYPE",
+    "INDEX_MEDIA_TYPES",
+    "LAYER_COMPRESSIONS",
     "MANIFEST_MEDIA_TYPE",
     "Reference",
     "canonical_json",
@@ -32,6 +41,22 @@ INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 DOCKER_MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
+DOCKER_MANIFEST_LIST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.list.v2+json"
+IMAGE_MANIFEST_MEDIA_TYPES = (MANIFEST_MEDIA_TYPE, DOCKER_MANIFEST_MEDIA_TYPE)
+INDEX_MEDIA_TYPES = (INDEX_MEDIA_TYPE, DOCKER_MANIFEST_LIST_MEDIA_TYPE)
+CONFIG_MEDIA_TYPES = (CONFIG_MEDIA_TYPE, DOCKER_CONFIG_MEDIA_TYPE)
+# How each layer media type is compressed (names as in layer.COMPRESSIONS); Docker's types
+# carry the same formats, and containerd's Docker zstd type is in use in the wild.
+LAYER_COMPRESSIONS: Mapping[str, str] = MappingProxyType(
+    {
+        "application/vnd.oci.image.layer.v1.tar": "uncompressed",
+        "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
+        "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
+        "application/vnd.docker.image.rootfs.diff.tar": "uncompressed",
+        "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
+        "application/vnd.docker.image.rootfs.diff.tar.zstd": "zstd",
+    }
+)
 
 Json = dict[str, Any]
 

@@ -70,6 +70,7 @@ class Snapshotter:
         self.root = store.root
         empty = self.root / "snapshots" / "empty"
         empty.mkdir(exist_ok=True)
+        empty.chmod(0o755)
         self._link("empty", empty)
 
     def path(self, diff_id: str) -> Path:
@@ -103,6 +104,7 @@ class Snapshotter:
         if not blobs:
             raise StoreError(f"no stored blob holds layer {diff_id}; pull or load its image again.")
         staging = Path(tempfile.mkdtemp(dir=self.root / "snapshots", prefix=".unpack-"))
+        staging.chmod(0o755)  # the image's root directory: mkdtemp's 0700 would lock out users
         try:
             with self.store.blob_path(str(blobs[0]["digest"])).open("rb") as blob:
                 reader = _HashingReader(open_layer(blob))
@@ -145,6 +147,7 @@ class Snapshotter:
         if writable:
             upper, work = scratch / "upper", scratch / "work"
             upper.mkdir()
+            upper.chmod(0o755)  # the root directory as the step sees it, whatever the umask
             work.mkdir()
             options += f",upperdir={upper},workdir={work}"
         if len(options) >= _PAGE:

@@ -6,6 +6,7 @@ Layout under the root::
     tags/<name>             the manifest digest a tag points at (names are URL-quoted)
     cache/<key hex>.json    what a build step produced (see executor)
     layers/<diff hex>.json  the stored blobs (compressed forms) of an uncompressed layer
+    sources/<hex>.json      registry repositories a blob was pulled from or pushed to
     snapshots/, l/          unpacked layers, used as overlay lower dirs (see snapshot)
     tmp/                    work dirs of running builds, removed by the next build when stale
 
@@ -220,6 +221,31 @@ class Store:
             if digest:
                 found[urllib.parse.unquote(path.name)] = digest
         return found
+
+    def remove_tag(self, name: str) -> bool:
+        """Forget a tag (its blobs stay); False when there was no such tag."""
+        try:
+            self._tag_path(name).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    # where blobs came from: repositories a registry push can mount them from
+
+    def _sources_path(self, digest: str) -> Path:
+        return self.root / "sources" / f"{digest_hex(digest)}.json"
+
+    def blob_sources(self, digest: str) -> list[str]:
+        """Repositories (``host/name``) known to hold the blob ``digest``, oldest first."""
+        record = self._read_record(self._sources_path(digest))
+        return [name for name in record if isinstance(name, str)] if isinstance(record, list) else []
+
+    def add_blob_source(self, digest: str, repository: str) -> None:
+        self._sources_path(digest).parent.mkdir(exist_ok=True)
+        with self.lock("sources"):
+            known = self.blob_sources(digest)
+            if repository not in known:
+                self._write_record(self._sources_path(digest), [*known, repository])
 
     # cache records and the layer index
 
