@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from builder.buildcontext import BuildContext
+from builder.cacheio import CacheSpec, export_cache, import_cache
+from builder.digest import sha256_digest
 from builder.dockerfile import parse_dockerfile
 from builder.errors import BuilderError, DockerfileError, StoreError
 from builder.executor import BuildSettings, ImageState, Layer, StageExecutor
@@ -28,6 +30,7 @@ from builder.oci import (
     parse_reference,
 )
 from builder.plan import Plan, base_images, make_plan, platform_args
+from builder.registry import RegistryOptions
 from builder.snapshot import Snapshotter
 from builder.store import Store
 
@@ -64,6 +67,10 @@ class BuildRequest:
     compression_level: int | None = None
     source_date_epoch: int | None = None
     no_cache: bool = False
+    no_cache_filter: tuple[str, ...] = ()  # stages (by name or index) to run without the cache
+    cache_from: tuple[CacheSpec, ...] = ()
+    cache_to: tuple[CacheSpec, ...] = ()
+    registry: RegistryOptions = field(default_factory=RegistryOptions)
 
     @property
     def dockerfile_path(self) -> Path:
@@ -145,13 +152,21 @@ def build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
         raise BuilderError(
             f"unknown compression {request.compression!r}; choose one of {', '.join(sorted(COMPRESSIONS))}."
         )
+    build_id = sha256_digest(
+        canonical_json({"dockerfile": str(request.dockerfile_path.resolve()), "target": request.target})
+    )
+    previous_keys = store.get_explanation(build_id)
     settings = BuildSettings(
         compression=COMPRESSIONS[request.compression],
         level=request.compression_level,
         epoch=_epoch(request),
         no_cache=request.no_cache,
+        no_cache_filter=request.no_cache_filter,
         dockerfile=str(request.dockerfile_path),
+        previous_keys=previous_keys,
     )
+    for spec in request.cache_from:
+        _import_cache(store, spec, request.registry, log)
     plan, images = plan_build(request, store)
     context = BuildContext.load(request.context, request.dockerfile_path)
     snapshots = Snapshotter(store)
@@ -167,6 +182,10 @@ def build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
             else:
                 base = ImageState(new_image_config(host_arch()))
             results[index] = executor.run_stage(stage, base, results)
+    if executor.keys != previous_keys:
+        store.put_explanation(build_id, executor.keys)
+    for spec in request.cache_to:
+        _export_cache(store, spec, plan, executor.stage_keys, request.registry, log)
     final = results[plan.target]
     manifest_digest, config_digest = _store_image(store, final)
     names = [parse_reference(tag) for tag in request.tags]
@@ -176,6 +195,45 @@ def build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
     for output in request.outputs:
         _write_output(store, manifest_digest, output, pairs)
     return BuildResult(manifest_digest, config_digest, executor.executed, plan.unused_args)
+
+
+def _import_cache(store: Store, spec: CacheSpec, registry: RegistryOptions, log: Log) -> None:
+    """Take what a cache source has; a missing or broken one is a warning, as in BuildKit."""
+    try:
+        count = import_cache(store, spec, registry)
+    except BuilderError as exc:
+        log(f"warning: the cache from {spec.location} was not imported: {exc}")
+        return
+    log(f"imported {count} cache records from {spec.location}")
+
+
+def _export_cache(
+    store: Store,
+    spec: CacheSpec,
+    plan: Plan,
+    stage_keys: Mapping[int, list[str]],
+    registry: RegistryOptions,
+    log: Log,
+) -> None:
+    """mode=min: the steps of the final image's stages; mode=max: every stage built."""
+    stages = plan.order if spec.mode == "max" else _base_chain(plan, plan.target)
+    keys = [key for index in stages for key in stage_keys.get(index, [])]
+    try:
+        digest = export_cache(store, spec, keys, registry)
+    except BuilderError as exc:
+        if not spec.ignore_error:
+            raise
+        log(f"warning: the cache export to {spec.location} failed: {exc}")
+        return
+    log(f"exported {len(keys)} cache keys to {spec.location} ({digest})")
+
+
+def _base_chain(plan: Plan, index: int) -> list[int]:
+    """A stage and the stages it is built FROM: what ends up in its image."""
+    chain = [index]
+    while (base := plan.stages[chain[-1]].base_stage) is not None:
+        chain.append(base)
+    return chain
 
 
 def _store_image(store: Store, state: ImageState) -> tuple[str, str]:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import ContextError
+from builder.fscopy import walk_tree
 
-__all__ = ["BuildContext", "IgnoreRules", "Source"]
+__all__ = ["BuildContext", "IgnoreRules", "Source", "tree_digests"]
 
 _CHUNK = 1 << 20
 
@@ -197,27 +198,39 @@ class BuildContext:
                     subdirs.append(child)
             stack.extend(reversed(subdirs))
 
-    def digest(self, sources: Sequence[Source]) -> str:
-        """A content digest of the sources: names, types, modes, link targets and bytes."""
-        hasher = hashlib.sha256()
+    def entry_digests(self, sources: Sequence[Source]) -> dict[str, str]:
+        """A digest per source path (name, type, mode, link target, bytes), in walk order."""
+        digests = {}
         for source in sources:
-            _hash_entry(hasher, source.relpath, source.path)
+            digests[source.relpath] = _entry_digest(source.relpath, source.path)
             if source.path.is_dir():
                 for rel, path in self.walk(source):
-                    _hash_entry(hasher, f"{source.relpath}/{rel}", path)
-        return "sha256:" + hasher.hexdigest()
+                    name = f"{source.relpath}/{rel}" if source.relpath else rel
+                    digests[name] = _entry_digest(name, path)
+        return digests
 
 
-def _hash_entry(hasher: hashlib._Hash, relpath: str, path: Path) -> None:
-    """Frame each field with its length, so no two trees hash alike by concatenation."""
+def tree_digests(top: Path, name: str) -> dict[str, str]:
+    """Digests of ``top`` and, for a directory, all below it, as ``entry_digests`` gives them."""
+    digests = {name: _entry_digest(name, top)}
+    if top.is_dir() and not top.is_symlink():
+        for rel, path in walk_tree(top):
+            digests[f"{name}/{rel}"] = _entry_digest(f"{name}/{rel}", path)
+    return digests
+
+
+def _entry_digest(relpath: str, path: Path) -> str:
+    """Frame each field with its length, so no two entries hash alike by concatenation."""
     info = path.lstat()
     fields = [relpath.encode("utf-8", "surrogateescape"), b"%o" % info.st_mode]
     if stat.S_ISLNK(info.st_mode):
         fields.append(os.fsencode(os.readlink(path)))
     elif stat.S_ISREG(info.st_mode):
         fields.append(_file_sha256(path).encode())
+    hasher = hashlib.sha256()
     for field in fields:
         hasher.update(len(field).to_bytes(8, "big") + field)
+    return hasher.hexdigest()
 
 
 def _file_sha256(path: Path) -> str:

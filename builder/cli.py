@@ -12,6 +12,7 @@ from pathlib import Path
 from types import FrameType
 
 from builder.build import BuildRequest, Output, build, plan_build, resolve_image
+from builder.cacheio import parse_cache_spec
 from builder.errors import BuilderError, SandboxError
 from builder.layout import import_layout
 from builder.oci import parse_reference
@@ -72,6 +73,27 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--compression-level", type=int, help="compression level")
     build.add_argument("--source-date-epoch", type=int, help="timestamps for a reproducible image")
     build.add_argument("--no-cache", action="store_true", help="run every step, ignoring the cache")
+    build.add_argument(
+        "--no-cache-filter",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="run this stage without the cache",
+    )
+    build.add_argument(
+        "--cache-from",
+        action="append",
+        default=[],
+        metavar="type=local,src=DIR",
+        help="import a build cache (type=local,src=DIR or type=registry,ref=REF)",
+    )
+    build.add_argument(
+        "--cache-to",
+        action="append",
+        default=[],
+        metavar="type=local,dest=DIR",
+        help="export the build cache (type=local,dest=DIR or type=registry,ref=REF; mode=min|max)",
+    )
     build.add_argument("--print", choices=["plan"], dest="print_what", help="print the build plan and stop")
     build.add_argument("-q", "--quiet", action="store_true", help="print only the image digest")
     _store_args(build)
@@ -132,6 +154,9 @@ def _build(args: argparse.Namespace, store: Store) -> int:
         compression_level=args.compression_level,
         source_date_epoch=args.source_date_epoch,
         no_cache=args.no_cache,
+        no_cache_filter=tuple(args.no_cache_filter),
+        cache_from=tuple(parse_cache_spec(text, export=False) for text in args.cache_from),
+        cache_to=tuple(parse_cache_spec(text, export=True) for text in args.cache_to),
     )
     if args.print_what == "plan":
         plan, _ = plan_build(request, store)

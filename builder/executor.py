@@ -9,6 +9,7 @@ layer (or none, when nothing changed) and records the result.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import sys
 import time
@@ -18,13 +19,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from builder.buildcontext import BuildContext
+from builder.buildcontext import BuildContext, tree_digests
+from builder.cachekey import CacheKey, base_key, explain_miss, step_key
 from builder.digest import sha256_digest
 from builder.errors import BuilderError, ContextError, StepFailed
 from builder.fscopy import make_dirs
 from builder.layer import Compression, write_layer
 from builder.oci import canonical_json, format_time
 from builder.plan import ConfigStep, CopyStep, RunStep, Stage, Step, WorkdirStep
+from builder.rootpath import resolve_in_root
 from builder.sandbox import SandboxSpec, run_sandboxed
 from builder.snapshot import Mounted, Snapshotter
 from builder.store import Store
@@ -33,8 +36,6 @@ from builder.users import Identity, resolve_user
 
 __all__ = ["BuildSettings", "ImageState", "Layer", "StageExecutor"]
 
-# Bump when the meaning of a key changes: every user's cache is invalidated, so rarely.
-CACHE_RECIPE = "builder-cache-v1"
 HISTORY_COMMENT = "builder.dockerfile.v0"
 _NON_SEMANTIC = frozenset({"line", "created_by"})
 
@@ -67,7 +68,9 @@ class BuildSettings:
     level: int | None
     epoch: int | None  # SOURCE_DATE_EPOCH: clamps file times, fixes history times
     no_cache: bool
+    no_cache_filter: tuple[str, ...]  # stage names or indexes built without the cache
     dockerfile: str  # the Dockerfile's name, for messages
+    previous_keys: Mapping[str, Json] = field(default_factory=dict)  # last build's, to explain misses
 
 
 class StageExecutor:
@@ -89,6 +92,8 @@ class StageExecutor:
         self.workdir = workdir
         self.log = log
         self.executed = 0  # steps that ran (not served from the cache)
+        self.keys: dict[str, Json] = {}  # "stage/step" → CacheKey.to_json(), for the next explanation
+        self.stage_keys: dict[int, list[str]] = {}  # the cache keys each stage used, for --cache-to
 
     def run_stage(
         self, stage: Stage, base: ImageState, sources: Mapping[int | str, ImageState]
@@ -96,7 +101,10 @@ class StageExecutor:
         """Build ``stage`` on ``base``; ``sources`` holds the stages and images COPY --from reads."""
         state = ImageState(dict(base.config), list(base.layers))
         history = list(state.config.get("history") or [])
-        parent = sha256_digest(canonical_json({"recipe": CACHE_RECIPE, "base": state.diff_ids}))
+        parent = base_key(state.diff_ids)
+        used = self.stage_keys.setdefault(stage.index, [])
+        ignored = self.settings.no_cache_filter
+        skip_cache = self.settings.no_cache or stage.name in ignored or str(stage.index) in ignored
         created = self._base_time(base)
         total = len(stage.steps)
         for number, step in enumerate(stage.steps, 1):
@@ -104,13 +112,18 @@ class StageExecutor:
             if isinstance(step, ConfigStep):
                 history.append(self._history(step, created, empty=True))
                 continue
-            key = self._key(parent, step, state, sources)
-            record = None if self.settings.no_cache else self._cached(key)
+            key = self._key(parent, step, sources)
+            slot = f"{stage.index}/{number}"
+            self.keys[slot] = key.to_json()
+            used.append(key.digest)
+            record = None if skip_cache else self._cached(key.digest)
             if record is None:
-                self.log(f"{label}")
+                previous = self.settings.previous_keys.get(slot)
+                why = "--no-cache" if skip_cache else explain_miss(key, previous)
+                self.log(f"{label}  (not cached: {why})")
                 started = time.monotonic()
                 record = self._execute(step, state, sources)
-                self.store.put_cache(key, record)
+                self.store.put_cache(key.digest, record)
                 self.executed += 1
                 self.log(f"  done in {time.monotonic() - started:.2f}s")
             else:
@@ -119,7 +132,7 @@ class StageExecutor:
             if record["layer"] is not None:
                 state.layers.append(Layer(record["layer"]["diff_id"], record["layer"]["blob"]))
             history.append(self._history(step, created, empty=record["layer"] is None))
-            parent = key
+            parent = key.digest
         state.config["config"] = stage.config
         if stage.author is not None:
             state.config["author"] = stage.author
@@ -151,25 +164,50 @@ class StageExecutor:
 
     # cache
 
-    def _key(
-        self, parent: str, step: Step, state: ImageState, sources: Mapping[int | str, ImageState]
-    ) -> str:
+    def _key(self, parent: str, step: Step, sources: Mapping[int | str, ImageState]) -> CacheKey:
         fields = {k: v for k, v in dataclasses.asdict(step).items() if k not in _NON_SEMANTIC}
-        inputs: Json = {"kind": type(step).__name__, "epoch": self.settings.epoch}
+        inputs: Json = {"epoch": self.settings.epoch}
+        details: dict[str, dict[str, str]] = {}
+        if isinstance(step, RunStep):
+            details["env"] = {name: sha256_digest(value.encode()) for name, value in step.env}
         if isinstance(step, CopyStep):
-            inputs["sources"] = self._source_digest(step, sources)
-        return sha256_digest(
-            canonical_json({"recipe": CACHE_RECIPE, "parent": parent, "step": fields, "inputs": inputs})
-        )
+            inputs["sources"], found = self._source_digest(step, sources)
+            if found is not None:
+                details["sources"] = found
+        return step_key(parent, type(step).__name__, fields, inputs, details)
 
-    def _source_digest(self, step: CopyStep, sources: Mapping[int | str, ImageState]) -> Any:
+    def _source_digest(
+        self, step: CopyStep, sources: Mapping[int | str, ImageState]
+    ) -> tuple[Any, dict[str, str] | None]:
+        """What the copied content is: a stage's or image's layers, or the context files' digests."""
         origin = self._origin(step, sources)
         if origin is not None:
-            return origin.diff_ids  # a stage's or image's content is named by its layers
+            found = self._origin_digests(step, origin)
+            return sha256_digest(canonical_json(found)), found
         try:
-            return self.context.digest(context_sources(step, self.context))
+            found = self.context.entry_digests(context_sources(step, self.context))
         except BuilderError as exc:
             raise self._fail(step, str(exc)) from exc
+        return sha256_digest(canonical_json(found)), found
+
+    def _origin_digests(self, step: CopyStep, origin: ImageState) -> dict[str, str]:
+        """The content of the paths copied from a stage or image, as BuildKit keys COPY --from.
+
+        Layers name their content, so the result is memoised by them: a cached source stage
+        costs no mount; a rebuilt one that made the same files still hits.
+        """
+        memo = sha256_digest(canonical_json({"layers": origin.diff_ids, "sources": list(step.sources)}))
+        found = self.store.get_memo(memo)
+        if isinstance(found, dict):
+            return found
+        found = {}
+        with self.snapshots.mount(origin.diff_ids, self.workdir, writable=False) as src:
+            for pattern in step.sources:
+                path = resolve_in_root(src.merged, pattern)
+                if os.path.lexists(path):
+                    found |= tree_digests(path, pattern)
+        self.store.put_memo(memo, found)
+        return found
 
     def _cached(self, key: str) -> Json | None:
         """A recorded result whose layer is still in the store, or None."""

@@ -5,6 +5,8 @@ Layout under the root::
     blobs/sha256/<hex>      content, written once through a temp file, fsync and rename
     tags/<name>             the manifest digest a tag points at (names are URL-quoted)
     cache/<key hex>.json    what a build step produced (see executor)
+    memo/<key hex>.json     values derived from content (e.g. checksums of a stage's files)
+    explain/<id hex>.json   the last build's keys per Dockerfile and target, to explain misses
     layers/<diff hex>.json  the stored blobs (compressed forms) of an uncompressed layer
     sources/<hex>.json      registry repositories a blob was pulled from or pushed to
     snapshots/, l/          unpacked layers, used as overlay lower dirs (see snapshot)
@@ -107,7 +109,17 @@ class Store:
     def open(cls, root: Path) -> Store:
         """Create the layout if needed; refuse a root on overlayfs (overlay cannot nest)."""
         try:
-            for sub in ("blobs/sha256", "tags", "cache", "layers", "snapshots", "l", "tmp"):
+            for sub in (
+                "blobs/sha256",
+                "tags",
+                "cache",
+                "explain",
+                "memo",
+                "layers",
+                "snapshots",
+                "l",
+                "tmp",
+            ):
                 (root / sub).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create the store at {root}: {exc.strerror}.") from exc
@@ -255,6 +267,21 @@ class Store:
 
     def put_cache(self, key: str, record: dict[str, Any]) -> None:
         self._write_record(self.root / "cache" / f"{digest_hex(key)}.json", record)
+
+    def get_memo(self, key: str) -> Any:
+        """A value derived from content named by ``key`` (so never stale), or None."""
+        return self._read_record(self.root / "memo" / f"{digest_hex(key)}.json")
+
+    def put_memo(self, key: str, value: Any) -> None:
+        self._write_record(self.root / "memo" / f"{digest_hex(key)}.json", value)
+
+    def get_explanation(self, build_id: str) -> dict[str, Any]:
+        """The cache keys of the last build of one Dockerfile and target (see cachekey)."""
+        record = self._read_record(self.root / "explain" / f"{digest_hex(build_id)}.json")
+        return record if isinstance(record, dict) else {}
+
+    def put_explanation(self, build_id: str, keys: dict[str, Any]) -> None:
+        self._write_record(self.root / "explain" / f"{digest_hex(build_id)}.json", keys)
 
     def layer_blobs(self, diff_id: str) -> list[dict[str, Any]]:
         """Descriptors of stored blobs whose uncompressed content is ``diff_id``."""

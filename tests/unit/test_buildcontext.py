@@ -60,14 +60,14 @@ def test_a_source_resolving_outside_the_context_is_refused(tmp_path: Path) -> No
 def test_digest_depends_on_content_and_mode_not_mtime(tmp_path: Path) -> None:
     _tree(tmp_path, {"src/a": "1", "src/b/c": "2"})
     context = BuildContext.load(tmp_path, None)
-    first = context.digest(context.match("src"))
+    first = context.entry_digests(context.match("src"))
     os.utime(tmp_path / "src" / "a", (1, 1))
-    assert context.digest(context.match("src")) == first
+    assert context.entry_digests(context.match("src")) == first
     (tmp_path / "src" / "a").write_text("changed")
-    second = context.digest(context.match("src"))
+    second = context.entry_digests(context.match("src"))
     assert second != first
     (tmp_path / "src" / "a").chmod(0o600)
-    assert context.digest(context.match("src")) != second
+    assert context.entry_digests(context.match("src")) != second
 
 
 def test_dockerfile_specific_ignore_file_wins(tmp_path: Path) -> None:

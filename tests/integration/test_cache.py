@@ -1,0 +1,132 @@
+"""The build cache: content keys, explained misses, export and import, concurrent builds."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_builder
+
+pytestmark = pytest.mark.integration
+
+DOCKERFILE = """\
+FROM busybox:latest
+ARG EARLY=1
+RUN echo early > /early
+COPY first.txt /first.txt
+ARG LATE=1
+RUN echo "$LATE" > /late
+COPY second.txt /second.txt
+RUN cat /first.txt /second.txt > /both
+"""
+
+
+def _context(root: Path) -> Path:
+    root.mkdir(parents=True)
+    (root / "Dockerfile").write_text(DOCKERFILE)
+    (root / "first.txt").write_text("first\n")
+    (root / "second.txt").write_text("second\n")
+    return root
+
+
+def _ran(stderr: str) -> list[str]:
+    return [line.split("]", 1)[1].split("  (not cached")[0].strip() for line in stderr.splitlines() if "(not cached" in line]
+
+
+def test_another_checkout_with_other_mtimes_hits(tmp_path: Path, store: Path) -> None:
+    first = _context(tmp_path / "a")
+    digest = run_builder("build", str(first), root=store).stdout
+    second = tmp_path / "elsewhere" / "b"
+    shutil.copytree(first, second)
+    for path in second.iterdir():
+        os.utime(path, (12345, 12345))
+    again = run_builder("build", str(second), root=store)
+    assert again.stdout == digest
+    assert "(0 steps run)" in again.stderr
+
+
+def test_a_changed_file_rebuilds_from_its_copy_and_says_why(tmp_path: Path, store: Path) -> None:
+    context = _context(tmp_path / "c")
+    run_builder("build", str(context), root=store)
+    (context / "second.txt").write_text("changed\n")
+    again = run_builder("build", str(context), root=store)
+    assert _ran(again.stderr) == ["COPY second.txt /second.txt", "RUN /bin/sh -c cat /first.txt /second.txt > /both"]
+    assert "COPY second.txt /second.txt  (not cached: source second.txt changed)" in again.stderr
+    assert "(not cached: an earlier step changed)" in again.stderr
+
+
+def test_a_changed_build_arg_misses_only_where_it_is_used(tmp_path: Path, store: Path) -> None:
+    context = _context(tmp_path / "c")
+    run_builder("build", str(context), root=store)
+    again = run_builder("build", "--build-arg", "LATE=2", str(context), root=store)
+    assert "RUN /bin/sh -c echo early > /early  CACHED" in again.stderr
+    assert "COPY first.txt /first.txt  CACHED" in again.stderr
+    assert 'RUN /bin/sh -c echo "$LATE" > /late  (not cached: ENV/ARG LATE changed)' in again.stderr
+    assert "(3 steps run)" in again.stderr
+
+
+def test_no_cache_filter_rebuilds_only_that_stage(tmp_path: Path, store: Path) -> None:
+    context = tmp_path / "m"
+    context.mkdir()
+    (context / "Dockerfile").write_text(
+        "FROM busybox:latest AS deps\nRUN echo deps > /deps\n"
+        "FROM busybox:latest AS app\nCOPY --from=deps /deps /deps\nRUN echo app > /app\n"
+    )
+    run_builder("build", str(context), root=store)
+    again = run_builder("build", "--no-cache-filter", "app", str(context), root=store)
+    assert "RUN /bin/sh -c echo deps > /deps  CACHED" in again.stderr
+    assert "(2 steps run)" in again.stderr
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_exported_cache_makes_a_fresh_store_run_nothing(
+    tmp_path: Path, store: Path, busybox_layout: Path, mode: str
+) -> None:
+    context = tmp_path / "m"
+    context.mkdir()
+    (context / "Dockerfile").write_text(
+        "FROM busybox:latest AS deps\nRUN echo deps > /deps\n"
+        "FROM busybox:latest\nCOPY --from=deps /deps /deps\nRUN echo app > /app\n"
+    )
+    cache = tmp_path / "cache"
+    first = run_builder("build", "--cache-to", f"type=local,dest={cache},mode={mode}", str(context), root=store)
+    fresh = tmp_path / "fresh-store"
+    run_builder("load", f"oci:{busybox_layout}", "-t", "busybox:latest", root=fresh)
+    again = run_builder("build", "--cache-from", f"type=local,src={cache}", str(context), root=fresh)
+    assert again.stdout == first.stdout
+    # mode=min keeps only the final image's steps; the deps stage must run again to feed COPY --from
+    assert f"({0 if mode == 'max' else 1} steps run)" in again.stderr
+
+
+def test_a_missing_cache_source_is_a_warning(tmp_path: Path, store: Path) -> None:
+    context = _context(tmp_path / "c")
+    result = run_builder("build", "--cache-from", f"type=local,src={tmp_path / 'none'}", str(context), root=store)
+    assert "warning: the cache from" in result.stderr
+
+
+def test_four_concurrent_builds_share_one_store(tmp_path: Path, store: Path) -> None:
+    contexts = []
+    for number in range(4):
+        context = _context(tmp_path / f"c{number}")
+        (context / "second.txt").write_text(f"variant {number % 2}\n")
+        contexts.append(context)
+    env = {**os.environ, "BUILDER_ROOT": str(store), "SOURCE_DATE_EPOCH": "1000"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "builder", "build", "-q", str(c)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for c in contexts
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [err.decode() for _, err in outputs]
+    digests = [out.decode().strip() for out, _ in outputs]
+    assert digests[0] == digests[2] and digests[1] == digests[3] and digests[0] != digests[1]
+    for context, digest in zip(contexts, digests, strict=True):
+        again = run_builder("build", str(context), root=store, env={"SOURCE_DATE_EPOCH": "1000"})
+        assert again.stdout.strip() == digest
+        assert "(0 steps run)" in again.stderr
