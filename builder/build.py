@@ -148,6 +148,11 @@ def plan_build(request: BuildRequest, store: Store) -> tuple[Plan, dict[str, Ima
 
 def build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
     """Build the image the request describes, tag it in the store and write its outputs."""
+    with store.lease():  # nothing this build writes is pruned while it runs
+        return _build(request, store, log)
+
+
+def _build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
     if request.compression not in COMPRESSIONS:
         raise BuilderError(
             f"unknown compression {request.compression!r}; choose one of {', '.join(sorted(COMPRESSIONS))}."

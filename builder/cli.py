@@ -7,13 +7,14 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
 from builder.build import BuildRequest, Output, build, plan_build, resolve_image
 from builder.cacheio import parse_cache_spec
 from builder.errors import BuilderError, SandboxError
+from builder.gc import disk_usage, parse_duration, parse_size, prune
 from builder.layout import import_layout
 from builder.oci import parse_reference
 from builder.sandbox import private_mount_namespace
@@ -97,18 +98,41 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--print", choices=["plan"], dest="print_what", help="print the build plan and stop")
     build.add_argument("-q", "--quiet", action="store_true", help="print only the image digest")
     _store_args(build)
+    build.set_defaults(handler=_build)
 
     load = commands.add_parser("load", help="import an image from an OCI layout or archive")
     load.add_argument("source", help="oci:DIR[:TAG] or oci-archive:FILE[:TAG]")
     load.add_argument("-t", "--tag", action="append", default=[], help="name:tag to give the image")
     _store_args(load)
+    load.set_defaults(handler=_load)
 
     images = commands.add_parser("images", help="list the images in the store")
     _store_args(images)
+    images.set_defaults(handler=_images)
 
     inspect = commands.add_parser("inspect", help="print an image's config")
     inspect.add_argument("image")
     _store_args(inspect)
+    inspect.set_defaults(handler=_inspect)
+
+    prune = commands.add_parser("prune", help="remove build cache and unreferenced data")
+    prune.add_argument(
+        "--keep-storage", type=parse_size, metavar="SIZE", help="keep up to SIZE of layers (500MB, 2GB)"
+    )
+    prune.add_argument(
+        "--filter",
+        dest="filters",
+        action="append",
+        default=[],
+        metavar="until=DURATION",
+        help="e.g. until=24h",
+    )
+    _store_args(prune)
+    prune.set_defaults(handler=_prune)
+
+    du = commands.add_parser("du", help="show the store's disk usage")
+    _store_args(du)
+    du.set_defaults(handler=_du)
     return parser
 
 
@@ -137,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
 
     store = Store.open(args.root or default_root())
-    handler = {"build": _build, "load": _load, "images": _images, "inspect": _inspect}[args.command]
+    handler: Callable[[argparse.Namespace, Store], int] = args.handler
     return handler(args, store)
 
 
@@ -199,6 +223,31 @@ def _inspect(args: argparse.Namespace, store: Store) -> int:
 
     digest, manifest, config = resolve_image(store, args.image)
     print(json.dumps({"digest": digest, "manifest": manifest, "config": config}, indent=2, sort_keys=True))
+    return 0
+
+
+def _prune(args: argparse.Namespace, store: Store) -> int:
+    until = None
+    for text in args.filters:
+        key, _, value = text.partition("=")
+        if key != "until":
+            raise BuilderError(f"--filter {text!r} is not understood; the filter is until=DURATION.")
+        until = parse_duration(value)
+    keep = parse_size(args.keep_storage) if args.keep_storage else None
+    result = prune(store, keep_storage=keep, until=until)
+    print(
+        f"removed {result.records} cache records, {result.blobs} blobs and {result.snapshots} snapshots; "
+        f"reclaimed {result.reclaimed / 1e6:.1f} MB"
+    )
+    return 0
+
+
+def _du(args: argparse.Namespace, store: Store) -> int:
+    usage = disk_usage(store)
+    print(f"images\t{usage.images}")
+    print(f"cache records\t{usage.records}")
+    print(f"blobs\t{usage.blobs}\t{usage.blob_bytes / 1e6:.1f} MB")
+    print(f"snapshots\t{usage.snapshots}\t{usage.snapshot_bytes / 1e6:.1f} MB")
     return 0
 
 

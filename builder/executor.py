@@ -217,6 +217,7 @@ class StageExecutor:
         layer = record["layer"]
         if layer is not None and not self.store.has_blob(str(layer.get("blob", {}).get("digest"))):
             return None
+        self.store.touch_cache(key)
         return record
 
     # execution

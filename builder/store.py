@@ -265,6 +265,11 @@ class Store:
         record = self._read_record(self.root / "cache" / f"{digest_hex(key)}.json")
         return record if isinstance(record, dict) else None
 
+    def touch_cache(self, key: str) -> None:
+        """Mark a record as just used: prune keeps the most recently used ones."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.root / "cache" / f"{digest_hex(key)}.json")
+
     def put_cache(self, key: str, record: dict[str, Any]) -> None:
         self._write_record(self.root / "cache" / f"{digest_hex(key)}.json", record)
 
@@ -301,6 +306,26 @@ class Store:
     def lock(self, name: str) -> Iterator[None]:
         """A short exclusive lock between processes (never held across a RUN)."""
         with open(self.root / "tmp" / f"{name}.lock", "a") as file:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[None]:
+        """Held (shared) by every build for its whole run: prune waits until no build runs."""
+        with open(self.root / "tmp" / "gc.lock", "a") as file:
+            fcntl.flock(file.fileno(), fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Held by prune: no build runs meanwhile, and none starts until it is done."""
+        with open(self.root / "tmp" / "gc.lock", "a") as file:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX)
             try:
                 yield
