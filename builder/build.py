@@ -6,8 +6,8 @@ errors are raised as :class:`builder.errors.BuilderError`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import platform
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +16,13 @@ from typing import Any
 from builder.buildcontext import BuildContext
 from builder.cacheio import CacheSpec, export_cache, import_cache
 from builder.digest import sha256_digest
+from builder.distribution import fetch_image
 from builder.dockerfile import parse_dockerfile
-from builder.errors import BuilderError, DockerfileError, StoreError
+from builder.errors import BuilderError, DockerfileError
 from builder.executor import BuildSettings, ImageState, Layer, StageExecutor
+from builder.export import Output, write_output
+from builder.images import host_arch, resolve_image
 from builder.layer import COMPRESSIONS
-from builder.layout import export_layout, write_layout_tar
 from builder.oci import (
     CONFIG_MEDIA_TYPE,
     canonical_json,
@@ -34,25 +36,20 @@ from builder.registry import RegistryOptions
 from builder.snapshot import Snapshotter
 from builder.store import Store
 
-__all__ = ["BuildRequest", "BuildResult", "Output", "build", "host_arch", "plan_build", "resolve_image"]
+__all__ = [
+    "BuildRequest",
+    "BuildResult",
+    "Output",
+    "build",
+    "host_arch",
+    "plan_build",
+    "publish",
+    "resolve_image",
+    "source_date_epoch",
+]
 
 Json = dict[str, Any]
 Log = Callable[[str], None]
-_ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
-
-
-def host_arch() -> str:
-    """The host's architecture in OCI terms."""
-    machine = platform.machine()
-    return _ARCHES.get(machine, machine)
-
-
-@dataclass(frozen=True)
-class Output:
-    """Where the image goes: ``oci`` (a layout directory) or ``oci-archive`` (a tar)."""
-
-    kind: str
-    dest: Path
 
 
 @dataclass(frozen=True)
@@ -71,6 +68,7 @@ class BuildRequest:
     cache_from: tuple[CacheSpec, ...] = ()
     cache_to: tuple[CacheSpec, ...] = ()
     registry: RegistryOptions = field(default_factory=RegistryOptions)
+    pull: bool = False  # pull every base image again, even one the store holds
 
     @property
     def dockerfile_path(self) -> Path:
@@ -85,30 +83,17 @@ class BuildResult:
     unused_args: tuple[str, ...]
 
 
-def resolve_image(store: Store, ref: str) -> tuple[str, Json, Json]:
-    """A stored image by reference: (manifest digest, manifest, config)."""
-    try:
-        reference = parse_reference(ref)
-    except ValueError as exc:
-        raise StoreError(f"{exc}.") from exc
-    digest = reference.digest or store.get_tag(str(reference).split("@")[0])
-    if digest is None or not store.has_blob(digest):
-        raise StoreError(
-            f"the image {reference.familiar} is not in the store {store.root}; "
-            "load it first (builder load oci:DIR -t NAME)."
-        )
-    manifest = store.read_json(digest)
-    return digest, manifest, store.read_json(manifest["config"]["digest"])
-
-
-def _image_state(store: Store, ref: str) -> ImageState:
-    _, manifest, config = resolve_image(store, ref)
+def _image_state(store: Store, ref: str, request: BuildRequest, log: Log) -> ImageState:
+    """A base image from the store, pulled first when the reference names a registry and the
+    store does not hold it (or always, with ``request.pull``)."""
+    _, manifest, config = fetch_image(store, ref, request.registry, log, pull=request.pull)
     diff_ids = config["rootfs"]["diff_ids"]
     layers = [Layer(diff_id, desc) for diff_id, desc in zip(diff_ids, manifest["layers"], strict=True)]
     return ImageState(config, layers)
 
 
-def _epoch(request: BuildRequest) -> int | None:
+def source_date_epoch(request: BuildRequest) -> int | None:
+    """SOURCE_DATE_EPOCH from --source-date-epoch, a build arg or the environment, in that order."""
     if request.source_date_epoch is not None:
         return request.source_date_epoch
     text = request.build_args.get("SOURCE_DATE_EPOCH") or os.environ.get("SOURCE_DATE_EPOCH")
@@ -119,8 +104,10 @@ def _epoch(request: BuildRequest) -> int | None:
     return int(text)
 
 
-def plan_build(request: BuildRequest, store: Store) -> tuple[Plan, dict[str, ImageState]]:
-    """Parse the Dockerfile and plan it against the base images in the store."""
+def plan_build(
+    request: BuildRequest, store: Store, log: Log = lambda _line: None
+) -> tuple[Plan, dict[str, ImageState]]:
+    """Parse the Dockerfile and plan it against the base images (pulled when needed)."""
     path = request.dockerfile_path
     try:
         data = path.read_bytes()
@@ -132,7 +119,8 @@ def plan_build(request: BuildRequest, store: Store) -> tuple[Plan, dict[str, Ima
         raise DockerfileError(f"is not UTF-8 text (byte {exc.start})", filename=str(path)) from exc
     dockerfile = parse_dockerfile(text, str(path))
     auto_args = platform_args("linux", host_arch())
-    images = {ref: _image_state(store, ref) for ref in base_images(dockerfile, request.build_args, auto_args)}
+    bases = base_images(dockerfile, request.build_args, auto_args)
+    images = {ref: _image_state(store, ref, request, log) for ref in bases}
     plan = make_plan(
         dockerfile,
         base_configs={ref: state.config for ref, state in images.items()},
@@ -142,7 +130,7 @@ def plan_build(request: BuildRequest, store: Store) -> tuple[Plan, dict[str, Ima
     )
     for ref in plan.images:
         if ref not in images:
-            images[ref] = _image_state(store, ref)
+            images[ref] = _image_state(store, ref, request, log)
     return plan, images
 
 
@@ -164,7 +152,7 @@ def _build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
     settings = BuildSettings(
         compression=COMPRESSIONS[request.compression],
         level=request.compression_level,
-        epoch=_epoch(request),
+        epoch=source_date_epoch(request),
         no_cache=request.no_cache,
         no_cache_filter=request.no_cache_filter,
         dockerfile=str(request.dockerfile_path),
@@ -172,7 +160,7 @@ def _build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
     )
     for spec in request.cache_from:
         _import_cache(store, spec, request.registry, log)
-    plan, images = plan_build(request, store)
+    plan, images = plan_build(request, store, log)
     context = BuildContext.load(request.context, request.dockerfile_path)
     snapshots = Snapshotter(store)
     results: dict[int | str, ImageState] = dict(images.items())
@@ -193,13 +181,25 @@ def _build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
         _export_cache(store, spec, plan, executor.stage_keys, request.registry, log)
     final = results[plan.target]
     manifest_digest, config_digest = _store_image(store, final)
+    publish(request, store, manifest_digest, log)
+    return BuildResult(manifest_digest, config_digest, executor.executed, plan.unused_args)
+
+
+def publish(request: BuildRequest, store: Store, manifest_digest: str, log: Log) -> None:
+    """What a build does last with its image: tag it in the store and write the outputs."""
     names = [parse_reference(tag) for tag in request.tags]
     for ref in names:
         store.set_tag(str(ref), manifest_digest)
-    pairs = [(str(ref), ref.tag or "latest") for ref in names]
     for output in request.outputs:
-        _write_output(store, manifest_digest, output, pairs)
-    return BuildResult(manifest_digest, config_digest, executor.executed, plan.unused_args)
+        compression = output.compression or request.compression
+        write_output(
+            store,
+            manifest_digest,
+            dataclasses.replace(output, compression=compression),
+            names,
+            request.registry,
+            log,
+        )
 
 
 def _import_cache(store: Store, spec: CacheSpec, registry: RegistryOptions, log: Log) -> None:
@@ -250,18 +250,3 @@ def _store_image(store: Store, state: ImageState) -> tuple[str, str]:
         descriptor(CONFIG_MEDIA_TYPE, config_bytes), [dict(layer.blob) for layer in state.layers]
     )
     return store.write_blob(canonical_json(manifest)), config_digest
-
-
-def _write_output(store: Store, manifest_digest: str, output: Output, names: list[tuple[str, str]]) -> None:
-    try:
-        if output.kind == "oci":
-            export_layout(store, manifest_digest, output.dest, names)
-        elif output.kind == "oci-archive":
-            tmp = output.dest.with_name(output.dest.name + ".tmp")
-            with tmp.open("wb") as file:
-                write_layout_tar(store, manifest_digest, file, names)
-            os.replace(tmp, output.dest)
-        else:
-            raise BuilderError(f"unknown output type {output.kind!r}; use oci or oci-archive.")
-    except OSError as exc:
-        raise BuilderError(f"cannot write the output {output.dest}: {exc.strerror}.") from exc

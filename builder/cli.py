@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -11,14 +12,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
-from builder.build import BuildRequest, Output, build, plan_build, resolve_image
+from builder.build import BuildRequest, build, plan_build, resolve_image
 from builder.cacheio import parse_cache_spec
+from builder.distribution import pull_image
 from builder.errors import BuilderError, SandboxError
+from builder.export import OUTPUT_KINDS, Output, parse_output, write_output
 from builder.gc import disk_usage, parse_duration, parse_size, prune
-from builder.layout import import_layout
-from builder.oci import parse_reference
+from builder.images import Platform, image_history, parse_platform, reference, tag_key, tagged_images
+from builder.layer import COMPRESSIONS
+from builder.layout import import_docker_archive, import_layout
+from builder.oci import Reference
+from builder.registry import RegistryOptions
 from builder.sandbox import private_mount_namespace
 from builder.store import Store, default_root
+from builder.verify import verify_build
 
 __all__ = ["main"]
 
@@ -45,16 +52,43 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _output(text: str) -> tuple[str, Path]:
-    fields = dict(part.partition("=")[::2] for part in text.split(","))
-    kind, dest = fields.get("type", ""), fields.get("dest", "")
-    if kind == "oci" and dest.endswith(".tar"):
-        kind = "oci-archive"
-    if kind not in ("oci", "oci-archive") or not dest:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected type=oci,dest=DIR or type=oci,dest=FILE.tar or type=oci-archive,dest=FILE"
-        )
-    return kind, Path(dest)
+def _output(text: str) -> Output:
+    try:
+        return parse_output(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _save_output(text: str) -> Output:
+    """``save -o``: an output spec, or a bare FILE for a Docker archive (as ``docker save -o``)."""
+    return _output(text) if "=" in text else Output("docker", Path(text))
+
+
+def _platform(text: str) -> Platform:
+    try:
+        return parse_platform(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _registry_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="reach this registry over plain HTTP (localhost and 127.0.0.0/8 always are)",
+    )
+
+
+def _compression_args(parser: argparse.ArgumentParser, default: str | None) -> None:
+    parser.add_argument(
+        "--compression",
+        default=default,
+        choices=sorted(COMPRESSIONS),
+        help=f"layer compression (default: {default or 'gzip'})",
+    )
+    parser.add_argument("--compression-level", type=int, help="compression level")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,12 +102,25 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--build-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE")
     build.add_argument("--target", help="the stage to build (default: the last)")
     build.add_argument(
-        "-o", "--output", action="append", type=_output, default=[], metavar="type=oci,dest=DIR"
+        "-o",
+        "--output",
+        action="append",
+        type=_output,
+        default=[],
+        metavar="type=KIND,dest=PATH",
+        help=f"where the image goes; KIND is one of {', '.join(OUTPUT_KINDS)} (name=REF for registry; "
+        "compression=, compression-level= per output)",
     )
-    build.add_argument("--compression", default="gzip", help="layer compression: gzip, zstd or uncompressed")
-    build.add_argument("--compression-level", type=int, help="compression level")
+    _compression_args(build, "gzip")
+    build.add_argument("--pull", action="store_true", help="pull the base images even when stored")
+    _registry_args(build)
     build.add_argument("--source-date-epoch", type=int, help="timestamps for a reproducible image")
     build.add_argument("--no-cache", action="store_true", help="run every step, ignoring the cache")
+    build.add_argument(
+        "--verify-reproducible",
+        action="store_true",
+        help="build twice in clean stores (needs SOURCE_DATE_EPOCH); fail naming the first difference",
+    )
     build.add_argument(
         "--no-cache-filter",
         action="append",
@@ -100,13 +147,18 @@ def _parser() -> argparse.ArgumentParser:
     _store_args(build)
     build.set_defaults(handler=_build)
 
-    load = commands.add_parser("load", help="import an image from an OCI layout or archive")
-    load.add_argument("source", help="oci:DIR[:TAG] or oci-archive:FILE[:TAG]")
+    load = commands.add_parser(
+        "load", help="import an image from an OCI layout or archive, or a Docker archive"
+    )
+    load.add_argument(
+        "source", help="oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME:TAG]"
+    )
     load.add_argument("-t", "--tag", action="append", default=[], help="name:tag to give the image")
     _store_args(load)
     load.set_defaults(handler=_load)
 
     images = commands.add_parser("images", help="list the images in the store")
+    images.add_argument("-q", "--quiet", action="store_true", help="print only the digests")
     _store_args(images)
     images.set_defaults(handler=_images)
 
@@ -114,6 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("image")
     _store_args(inspect)
     inspect.set_defaults(handler=_inspect)
+    _image_commands(commands)
 
     prune = commands.add_parser("prune", help="remove build cache and unreferenced data")
     prune.add_argument(
@@ -134,6 +187,56 @@ def _parser() -> argparse.ArgumentParser:
     _store_args(du)
     du.set_defaults(handler=_du)
     return parser
+
+
+def _image_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """history, tag, rmi, save, pull, push: images in the store, and in and out of it."""
+    history = commands.add_parser("history", help="show an image's history, newest first")
+    history.add_argument("image")
+    _store_args(history)
+    history.set_defaults(handler=_history)
+
+    tag = commands.add_parser("tag", help="give a stored image another name")
+    tag.add_argument("source")
+    tag.add_argument("targets", nargs="+", metavar="target")
+    _store_args(tag)
+    tag.set_defaults(handler=_tag)
+
+    rmi = commands.add_parser("rmi", help="remove image names (builder prune reclaims the space)")
+    rmi.add_argument("images", nargs="+", metavar="image")
+    _store_args(rmi)
+    rmi.set_defaults(handler=_rmi)
+
+    save = commands.add_parser("save", help="write a stored image out (default: a Docker archive)")
+    save.add_argument("image")
+    save.add_argument(
+        "-o",
+        "--output",
+        action="append",
+        type=_save_output,
+        required=True,
+        metavar="FILE|type=KIND,dest=PATH",
+        help=f"a Docker archive FILE, or an output as in build ({', '.join(OUTPUT_KINDS)})",
+    )
+    _compression_args(save, None)
+    _registry_args(save)
+    _store_args(save)
+    save.set_defaults(handler=_save)
+
+    pull = commands.add_parser("pull", help="pull an image from a registry into the store")
+    pull.add_argument("image")
+    pull.add_argument("--platform", type=_platform, help="os/arch[/variant] (default: the host's)")
+    _registry_args(pull)
+    _store_args(pull)
+    pull.set_defaults(handler=_pull)
+
+    push = commands.add_parser("push", help="push a stored image to a registry")
+    push.add_argument("image")
+    push.add_argument("destination", nargs="?", help="where to push (default: the image's own name)")
+    _compression_args(push, None)
+    _registry_args(push)
+    _store_args(push)
+    push.set_defaults(handler=_push)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -173,7 +276,7 @@ def _build(args: argparse.Namespace, store: Store) -> int:
         tags=tuple(args.tag),
         build_args=dict(args.build_arg),
         target=args.target,
-        outputs=tuple(Output(kind, dest) for kind, dest in args.output),
+        outputs=tuple(args.output),
         compression=args.compression,
         compression_level=args.compression_level,
         source_date_epoch=args.source_date_epoch,
@@ -181,13 +284,15 @@ def _build(args: argparse.Namespace, store: Store) -> int:
         no_cache_filter=tuple(args.no_cache_filter),
         cache_from=tuple(parse_cache_spec(text, export=False) for text in args.cache_from),
         cache_to=tuple(parse_cache_spec(text, export=True) for text in args.cache_to),
+        registry=RegistryOptions(insecure=tuple(args.insecure_registry)),
+        pull=args.pull,
     )
     if args.print_what == "plan":
         plan, _ = plan_build(request, store)
         print(json.dumps(plan.to_json(), indent=2, sort_keys=True))
         return 0
     log = (lambda _line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-    result = build(request, store, log)
+    result = (verify_build if args.verify_reproducible else build)(request, store, log)
     for name in result.unused_args:
         print(f"warning: build arg {name} is not consumed by any ARG", file=sys.stderr)
     if not args.quiet:
@@ -199,23 +304,36 @@ def _build(args: argparse.Namespace, store: Store) -> int:
 def _load(args: argparse.Namespace, store: Store) -> int:
 
     transport, _, location = args.source.partition(":")
-    if transport not in ("oci", "oci-archive") or not location:
-        raise BuilderError(f"{args.source!r}: expected oci:DIR[:TAG] or oci-archive:FILE[:TAG].")
+    if transport not in ("oci", "oci-archive", "docker-archive") or not location:
+        raise BuilderError(
+            f"{args.source!r}: expected oci:DIR[:TAG], oci-archive:FILE[:TAG] "
+            "or docker-archive:FILE[:NAME:TAG]."
+        )
     path, _, select = location.partition(":")
-    digest, _, _ = import_layout(store, Path(path), archive=transport == "oci-archive", select=select or None)
-    for tag in args.tag:
-        try:
-            store.set_tag(str(parse_reference(tag)), digest)
-        except ValueError as exc:
-            raise BuilderError(f"{exc}.") from exc
+    with store.lease():  # a prune meanwhile must not take the blobs before the tag names them
+        if transport == "docker-archive":
+            digest, _, _ = import_docker_archive(store, Path(path), select or None)
+        else:
+            digest, _, _ = import_layout(
+                store, Path(path), archive=transport == "oci-archive", select=select or None
+            )
+        for tag in args.tag:
+            store.set_tag(tag_key(reference(tag)), digest)
     print(digest)
     return 0
 
 
 def _images(args: argparse.Namespace, store: Store) -> int:
 
-    for name, digest in store.tags().items():
-        print(f"{name}\t{digest}")
+    if args.quiet:
+        for digest in dict.fromkeys(digest for _, digest in tagged_images(store)):
+            print(digest)
+        return 0
+    rows = [("REPOSITORY", "TAG", "DIGEST", "SIZE")]
+    for ref, digest in tagged_images(store):
+        name = Reference(ref.registry, ref.repository, None, None).familiar
+        rows.append((name, ref.tag or "", digest, _size(_image_size(store, digest))))
+    _print_table(rows)
     return 0
 
 
@@ -224,6 +342,96 @@ def _inspect(args: argparse.Namespace, store: Store) -> int:
     digest, manifest, config = resolve_image(store, args.image)
     print(json.dumps({"digest": digest, "manifest": manifest, "config": config}, indent=2, sort_keys=True))
     return 0
+
+
+def _history(args: argparse.Namespace, store: Store) -> int:
+    _, manifest, config = resolve_image(store, args.image)
+    rows = [("CREATED", "CREATED BY", "SIZE", "COMMENT")]
+    for entry in image_history(manifest, config):
+        rows.append((entry.created, entry.created_by, _size(entry.size or 0), entry.comment))
+    _print_table(rows)
+    return 0
+
+
+def _tag(args: argparse.Namespace, store: Store) -> int:
+    digest, _, _ = resolve_image(store, args.source)
+    targets = [reference(text) for text in args.targets]
+    for target in targets:
+        if target.digest:
+            raise BuilderError(f"{target.familiar} has a digest; a tag is name[:tag].")
+    for target in targets:
+        store.set_tag(tag_key(target), digest)
+    return 0
+
+
+def _rmi(args: argparse.Namespace, store: Store) -> int:
+    for ref in [reference(text) for text in args.images]:
+        if ref.digest and ref.tag is None:  # name@digest: every tag of that name on that image
+            names = [tag_key(r) for r, d in tagged_images(store) if r.name == ref.name and d == ref.digest]
+        else:
+            names = [tag_key(ref)] if store.get_tag(tag_key(ref)) else []
+        if not names:
+            raise BuilderError(f"the image {ref.familiar} is not in the store {store.root}.")
+        for name in names:
+            store.remove_tag(name)
+            print(f"untagged {name}")
+    return 0
+
+
+def _save(args: argparse.Namespace, store: Store) -> int:
+    digest, _, _ = resolve_image(store, args.image)
+    ref = reference(args.image)
+    names = [ref] if ref.tag else []
+    registry = RegistryOptions(insecure=tuple(args.insecure_registry))
+    for output in args.output:
+        compression = output.compression or args.compression
+        level = output.level if output.level is not None else args.compression_level
+        chosen = dataclasses.replace(output, compression=compression, level=level)
+        print(write_output(store, digest, chosen, names, registry, _log))
+    return 0
+
+
+def _pull(args: argparse.Namespace, store: Store) -> int:
+    registry = RegistryOptions(insecure=tuple(args.insecure_registry))
+    digest, _, _ = pull_image(store, reference(args.image), registry, _log, platform=args.platform)
+    print(digest)
+    return 0
+
+
+def _push(args: argparse.Namespace, store: Store) -> int:
+    digest, _, _ = resolve_image(store, args.image)
+    output = Output(
+        "registry",
+        name=args.destination or args.image,
+        compression=args.compression,
+        level=args.compression_level,
+    )
+    registry = RegistryOptions(insecure=tuple(args.insecure_registry))
+    print(write_output(store, digest, output, [], registry, _log))
+    return 0
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _image_size(store: Store, digest: str) -> int:
+    manifest = store.read_json(digest)
+    return sum(int(blob.get("size", 0)) for blob in [manifest.get("config", {}), *manifest.get("layers", [])])
+
+
+def _size(count: int) -> str:
+    """Bytes as Docker shows them: 0B, 512B, 4.1kB, 1.2MB, 3.4GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f}{unit}"
+    return f"{count}B"
+
+
+def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def _prune(args: argparse.Namespace, store: Store) -> int:

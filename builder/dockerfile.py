@@ -1,30 +1,34 @@
 """Dockerfile text → typed, located instructions.
 
-``dockerfile_parse`` supplies the line structure (continuations, comments, the escape
-directive); everything it lacks is owned here: parser directives, flags, the JSON (exec) form
-and heredocs. Pure: no I/O.
+The line structure follows BuildKit's ``frontend/dockerfile/parser``: parser directives at the
+top, comment lines dropped (also inside continuations), empty continuation lines skipped with a
+warning, the escape character continuing a line, then the instruction word, its ``--flags`` and
+the argument text; RUN, COPY and ADD (also behind ONBUILD) read the heredoc bodies that follow.
+``dockerfile_parse`` is not used: its ``structure`` ends an instruction at an empty continuation
+line and reads heredoc bodies as instructions, so the scanner below is BuildKit's own. Pure.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-import io
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-from dockerfile_parse import DockerfileParser
 
 from builder.errors import DockerfileError
 
 __all__ = [
+    "GO_SPACE",
     "INSTRUCTIONS",
     "Dockerfile",
     "Heredoc",
     "Instruction",
     "parse_dockerfile",
     "parse_exec_form",
+    "parse_heredoc_word",
+    "suggest",
 ]
 
 INSTRUCTIONS = frozenset(
@@ -34,42 +38,46 @@ INSTRUCTIONS = frozenset(
         "WORKDIR",
     }
 )  # fmt: skip
-_JSON_FORM = frozenset({"RUN", "CMD", "ENTRYPOINT", "SHELL", "COPY", "ADD", "VOLUME"})
+# Go's unicode.IsSpace for the characters that matter here; Python's isspace adds \x1c-\x1f.
+GO_SPACE = " \t\n\v\f\r\x85\xa0"
+_EXEC_FORM = frozenset({"RUN", "CMD", "ENTRYPOINT", "SHELL", "COPY", "ADD", "VOLUME"})
 _HEREDOC_FORM = frozenset({"RUN", "COPY", "ADD"})
-_DIRECTIVE = re.compile(r"#\s*([a-zA-Z][a-zA-Z0-9]*)\s*=\s*(.*?)\s*")
-_HEREDOC = re.compile(r"<<(-?)(['\"]?)([A-Za-z_][A-Za-z0-9_]*)\2")
-_FLAG = re.compile(r"--([a-z][a-z0-9-]*)(?:=(\S*))?")
+_DIRECTIVES = frozenset({"syntax", "escape", "check"})
+_DIRECTIVE = re.compile(r"([a-zA-Z][a-zA-Z0-9]*)[\t\n\f\r ]*=[\t\n\f\r ]*(.+?)[\t\n\f\r ]*")
+_WORD_SPACE = re.compile(r"[\t\v\f\r ]+")
+_HEREDOC_WORD = re.compile(r"(\d*)<<(-?)([^<]*)")
+_BOM = "\ufeff"
 
 
 @dataclass(frozen=True)
 class Heredoc:
-    """A here-document attached to RUN, COPY or ADD."""
+    """A here-document attached to RUN, COPY or ADD, its body as written (tabs not stripped)."""
 
     name: str
     content: str
-    expand: bool  # an unquoted delimiter: variables in the content are expanded
+    expand: bool  # no part of the delimiter was quoted: COPY/ADD expand variables in the body
     strip_tabs: bool  # the ``<<-`` form
+
+    @property
+    def text(self) -> str:
+        """The body with leading tabs removed from every line for ``<<-``."""
+        return re.sub(r"(?m)^\t+", "", self.content) if self.strip_tabs else self.content
 
 
 @dataclass(frozen=True)
 class Instruction:
-    """One instruction, its flags split off, with the line it starts on (1-based)."""
+    """One instruction with its flags split off, located by its first and last line (1-based)."""
 
-    keyword: str
+    keyword: str  # upper case
+    word: str  # the instruction word as written, for messages
     args: str  # the argument text after the flags, continuations joined, unexpanded
-    flags: tuple[tuple[str, str | None], ...]
-    exec_form: tuple[str, ...] | None  # the JSON array form, when the arguments are one
+    flags: tuple[tuple[str, str | None], ...]  # ("name", "value") from --name=value; None without "="
+    exec_form: tuple[str, ...] | None  # the JSON array form, where the instruction has one
     heredocs: tuple[Heredoc, ...]
     line: int
-    source: str  # the instruction as written, for history entries and messages
-
-    def flag(self, name: str) -> str | None:
-        """The value of the last ``--name`` flag, or None when absent."""
-        value = None
-        for key, given in self.flags:
-            if key == name:
-                value = given if given is not None else ""
-        return value
+    end_line: int
+    source: str  # the logical line as written, for history entries and messages
+    trigger: Instruction | None = None  # what an ONBUILD triggers
 
 
 @dataclass(frozen=True)
@@ -80,120 +88,324 @@ class Dockerfile:
     escape: str
     directives: tuple[tuple[str, str], ...]
     instructions: tuple[Instruction, ...]
+    empty_continuations: tuple[int, ...] = ()  # lines of instructions with empty continuation lines
+
+    def directive(self, name: str) -> str | None:
+        return dict(self.directives).get(name)
+
+
+def suggest(word: str, choices: list[str] | frozenset[str], *, prefix: str = "") -> str:
+    """The end of an error sentence about ``word``: ``"; did you mean X?"`` or just ``"."``."""
+    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else "."
 
 
 def parse_dockerfile(text: str, filename: str = "Dockerfile") -> Dockerfile:
     """Parse Dockerfile text; raises DockerfileError naming ``filename`` and the line."""
     if "\x00" in text:
         raise DockerfileError("the file contains a NUL byte; is it a Dockerfile?", filename=filename)
-    lines = text.splitlines()
-    directives = _directives(lines)
+    lines = text.removeprefix(_BOM).split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    directives = _directives(lines, filename)
     escape = dict(directives).get("escape", "\\")
-    if escape not in ("\\", "`"):
-        raise DockerfileError(
-            f"invalid escape directive {escape!r}: it must be \\ or `", filename=filename, line=1
-        )
-    parser = DockerfileParser(fileobj=io.BytesIO(), env_replace=False)
-    parser.content = text
-    try:
-        structure: list[dict[str, Any]] = parser.structure
-    except Exception as exc:  # the parser is foreign code: never show its traceback
-        raise DockerfileError(f"cannot be parsed: {exc}", filename=filename) from exc
+    scanner = _Scanner(lines, escape, filename)
     instructions = []
-    skip_until = -1
-    for entry in structure:
-        start, end = int(entry["startline"]), int(entry["endline"])
-        if entry["instruction"] == "COMMENT" or start <= skip_until:
-            continue
-        instruction, body_end = _instruction(entry, lines, filename)
-        skip_until = max(end, body_end)
+    while (instruction := scanner.next_instruction()) is not None:
         instructions.append(instruction)
-    return Dockerfile(filename, escape, directives, tuple(instructions))
+    if not instructions:
+        raise DockerfileError("the Dockerfile has no instructions.", filename=filename)
+    return Dockerfile(filename, escape, directives, tuple(instructions), tuple(scanner.empty_continuations))
 
 
-def _directives(lines: list[str]) -> tuple[tuple[str, str], ...]:
-    """Parser directives: ``# key=value`` comment lines at the very top, each at most once."""
+def _directives(lines: list[str], filename: str) -> tuple[tuple[str, str], ...]:
+    """Parser directives: ``# key=value`` lines before any other line, each key at most once."""
     found: dict[str, str] = {}
-    for line in lines:
-        match = _DIRECTIVE.fullmatch(line.strip())
-        if match is None:
+    for number, raw in enumerate(lines, 1):
+        line = raw.rstrip("\r\n").lstrip(GO_SPACE)
+        if not line.startswith("#"):
             break
-        key = match[1].lower()
+        match = _DIRECTIVE.fullmatch(line[1:].lstrip(GO_SPACE))
+        if match is None or match[1].lower() not in _DIRECTIVES:
+            break
+        key, value = match[1].lower(), match[2]
         if key in found:
-            break
-        found[key] = match[2]
+            raise DockerfileError(
+                f"the parser directive {key!r} is given twice; each may appear only once.",
+                filename=filename,
+                line=number,
+            )
+        if key == "escape" and value not in ("\\", "`"):
+            raise DockerfileError(
+                f"invalid escape directive {value!r}: the escape character must be \\ or `.",
+                filename=filename,
+                line=number,
+            )
+        if key == "check":
+            _check_directive(value, filename, number)
+        found[key] = value
     return tuple(found.items())
 
 
-def _instruction(entry: dict[str, Any], lines: list[str], filename: str) -> tuple[Instruction, int]:
-    keyword = str(entry["instruction"]).upper()
-    line = int(entry["startline"]) + 1
-    source = str(entry["content"]).strip()
+def _check_directive(value: str, filename: str, line: int) -> None:
+    """``# check=skip=<rules>;error=<bool>`` as BuildKit's linter reads it."""
+    for part in value.split(";"):
+        key, eq, setting = part.partition("=")
+        key, setting = key.strip(), setting.strip()
+        valid = eq and (key in ("skip", "experimental") or (key == "error" and setting.lower() in _GO_BOOLS))
+        if not valid:
+            raise DockerfileError(
+                f"invalid check directive option {part.strip()!r}: "
+                "use skip=<rules|all> and error=<true|false>, separated by ';'.",
+                filename=filename,
+                line=line,
+            )
+
+
+_GO_BOOLS = frozenset({"1", "t", "true", "0", "f", "false"})
+
+
+def _is_comment(line: str) -> bool:
+    return line.lstrip(GO_SPACE).startswith("#")
+
+
+class _Scanner:
+    """Reads logical lines: continuations joined, comments dropped, heredoc bodies attached."""
+
+    def __init__(self, lines: list[str], escape: str, filename: str) -> None:
+        self.lines = lines
+        self.pos = 0
+        self.filename = filename
+        esc = re.escape(escape)
+        self.continuation = re.compile(rf"([^{esc}]){esc}[ \t]*$|^{esc}[ \t]*$")
+        self.empty_continuations: list[int] = []
+
+    def trim_continuation(self, line: str) -> tuple[str, bool]:
+        """The line without its continuation character, and whether the instruction ends here."""
+        if self.continuation.search(line):
+            return self.continuation.sub(r"\1", line), False
+        return line, True
+
+    def next_instruction(self) -> Instruction | None:
+        while self.pos < len(self.lines):
+            self.pos += 1
+            start = self.pos
+            line = self.lines[start - 1].rstrip("\r\n").lstrip(GO_SPACE)
+            line, done = self.trim_continuation("" if line.startswith("#") else line)
+            if done and not line:
+                continue
+            parts = [line]
+            empty = False
+            while not done and self.pos < len(self.lines):
+                raw = self.lines[self.pos].rstrip("\r\n")
+                self.pos += 1
+                if _is_comment(raw):
+                    continue
+                if not raw.lstrip(GO_SPACE):
+                    empty = True
+                    continue
+                raw, done = self.trim_continuation(raw)
+                parts.append(raw)
+            if empty:
+                self.empty_continuations.append(start)
+            return self.instruction("".join(parts), start)
+        return None
+
+    def error(self, message: str, line: int) -> DockerfileError:
+        return DockerfileError(message, filename=self.filename, line=line)
+
+    def instruction(self, logical: str, start: int) -> Instruction:
+        node = _node(logical.strip(GO_SPACE), start, self.error)
+        target = node.trigger or node
+        heredocs: tuple[Heredoc, ...] = ()
+        if target.keyword in _HEREDOC_FORM and target.exec_form is None and "<<" in logical:
+            heredocs = tuple(self.read_heredoc(doc, start) for doc in _heredoc_words(logical))
+        if node.trigger is not None:
+            trigger = _replace(node.trigger, heredocs=heredocs, end_line=self.pos)
+            return _replace(node, trigger=trigger, end_line=self.pos)
+        return _replace(node, heredocs=heredocs, end_line=self.pos)
+
+    def read_heredoc(self, doc: Heredoc, start: int) -> Heredoc:
+        body: list[str] = []
+        while self.pos < len(self.lines):
+            raw = self.lines[self.pos]
+            self.pos += 1
+            candidate = raw.rstrip("\r\n")
+            if (candidate.lstrip("\t") if doc.strip_tabs else candidate) == doc.name:
+                return Heredoc(doc.name, "".join(body), doc.expand, doc.strip_tabs)
+            body.append(raw + "\n")
+        raise self.error(
+            f"unterminated heredoc <<{doc.name}: no line {doc.name!r} ends it before the end of the file.",
+            start,
+        )
+
+
+def _replace(ins: Instruction, **changes: object) -> Instruction:
+    return dataclasses.replace(ins, **changes)  # type: ignore[arg-type]
+
+
+def _node(logical: str, line: int, error: _ErrorAt) -> Instruction:
+    """Split a logical line into instruction word, flags and arguments (BuildKit's splitCommand)."""
+    word, *rest = _WORD_SPACE.split(logical, maxsplit=1)
+    keyword = word.upper()
     if keyword not in INSTRUCTIONS:
-        raise DockerfileError(_unknown_instruction(keyword), filename=filename, line=line)
-    flags, args = _split_flags(str(entry["value"]))
-    heredocs: tuple[Heredoc, ...] = ()
-    body_end = -1
-    if keyword in _HEREDOC_FORM and _HEREDOC.search(args):
-        heredocs, body_end = _heredocs(args, lines, int(entry["endline"]), filename, line)
-    exec_form = parse_exec_form(args) if keyword in _JSON_FORM and not heredocs else None
-    return Instruction(keyword, args, flags, exec_form, heredocs, line, source), body_end
+        raise error(f"unknown instruction {word}{suggest(keyword, INSTRUCTIONS)}", line)
+    args, flag_words = _split_flags(rest[0] if rest else "")
+    args = args.strip(GO_SPACE)
+    flags = tuple(
+        (name, value if eq else None) for name, eq, value in (w[2:].partition("=") for w in flag_words)
+    )
+    exec_form = None
+    if keyword in _EXEC_FORM:
+        try:
+            exec_form = parse_exec_form(args)
+        except ValueError as exc:
+            raise error(f"{keyword} {exc}", line) from exc
+    trigger = _node(args, line, error) if keyword == "ONBUILD" and args else None
+    return Instruction(keyword, word, args, flags, exec_form, (), line, line, logical, trigger)
 
 
-def _unknown_instruction(keyword: str) -> str:
-    close = difflib.get_close_matches(keyword, sorted(INSTRUCTIONS), n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    return f"unknown instruction {keyword}{hint}"
+_ErrorAt = Callable[[str, int], DockerfileError]
 
 
-def _split_flags(value: str) -> tuple[tuple[tuple[str, str | None], ...], str]:
-    """Leading ``--name[=value]`` words are flags; the rest is the argument text."""
-    flags = []
-    rest = value.strip()
-    while rest.startswith("--"):
-        word, _, tail = rest.partition(" ")
-        match = _FLAG.fullmatch(word)
-        if match is None:
+def _split_flags(rest: str) -> tuple[str, list[str]]:
+    """Leading ``--flag`` words, quotes and backslash escapes processed, and the text after them.
+
+    BuildKit's extractBuilderFlags: the escape is always a backslash here, even inside single
+    quotes, and a lone ``--`` ends the flags.
+    """
+    words: list[str] = []
+    pos, end = 0, len(rest)
+    while pos < end:
+        while pos < end and rest[pos] in GO_SPACE:
+            pos += 1
+        if not rest.startswith("--", pos):
+            return rest[pos:], words
+        word, pos, quoted = _flag_word(rest, pos)
+        if word == "--" and not quoted:
+            return rest[pos:], words
+        if word or quoted:
+            words.append(word)
+    return "", words
+
+
+def _flag_word(rest: str, pos: int) -> tuple[str, int, bool]:
+    """One flag word from ``pos``: its text, where it ends and whether it had quotes."""
+    chars: list[str] = []
+    quote = ""
+    quoted = False
+    while pos < len(rest):
+        ch = rest[pos]
+        pos += 1
+        if not quote and ch in GO_SPACE:
             break
-        flags.append((match[1], match[2]))
-        rest = tail.lstrip()
-    return tuple(flags), rest
+        if not quote and ch in "'\"":
+            quote, quoted = ch, True
+        elif quote and ch == quote:
+            quote = ""
+        elif ch == "\\":
+            if pos < len(rest):
+                chars.append(rest[pos])
+                pos += 1
+        else:
+            chars.append(ch)
+    return "".join(chars), pos, quoted
 
 
 def parse_exec_form(args: str) -> tuple[str, ...] | None:
-    """The JSON array form; anything that is not a JSON array of strings is shell form."""
-    if not args.startswith("["):
+    """The JSON array (exec) form; None when ``args`` is not valid JSON (then it is shell form).
+
+    A valid JSON array that holds anything but strings is an error (ValueError), as in BuildKit.
+    """
+    text = args.lstrip(GO_SPACE)
+    if not text.startswith("["):
         return None
     try:
-        parsed = json.loads(args)
+        parsed = json.loads(text)
     except ValueError:
         return None
-    if isinstance(parsed, list) and all(isinstance(item, str) for item in parsed):
-        return tuple(parsed)
-    return None
+    if not isinstance(parsed, list):
+        return None
+    if not all(isinstance(item, str) for item in parsed):
+        raise ValueError("in JSON (exec) form must be an array of strings only.")
+    return tuple(parsed)
 
 
-def _heredocs(
-    args: str, lines: list[str], end: int, filename: str, line: int
-) -> tuple[tuple[Heredoc, ...], int]:
-    """Collect the bodies of the heredocs named in ``args``, which follow the instruction."""
+def _heredoc_words(line: str) -> list[Heredoc]:
+    """The heredocs a line opens, in order: every word of the form ``[n]<<[-]NAME``."""
     docs = []
-    cursor = end + 1
-    for match in _HEREDOC.finditer(args):
-        strip_tabs, quote, name = match[1] == "-", match[2], match[3]
-        body = []
-        while True:
-            if cursor >= len(lines):
-                raise DockerfileError(
-                    f"unterminated heredoc <<{name}: no line {name} closes it",
-                    filename=filename,
-                    line=line,
-                )
-            text = lines[cursor]
-            cursor += 1
-            if (text.lstrip("\t") if strip_tabs else text) == name:
-                break
-            body.append(text.lstrip("\t") if strip_tabs else text)
-        content = "".join(f"{text}\n" for text in body)
-        docs.append(Heredoc(name, content, expand=not quote, strip_tabs=strip_tabs))
-    return tuple(docs), cursor - 1
+    for word in _raw_words(line):
+        doc = parse_heredoc_word(word)
+        if doc is not None:
+            docs.append(doc)
+    return docs
+
+
+def parse_heredoc_word(word: str) -> Heredoc | None:
+    """``<<EOF``, ``<<-EOF``, ``<<'EOF'`` … as an (empty) Heredoc; None for any other word."""
+    match = _HEREDOC_WORD.fullmatch(word)
+    if match is None or not match[3]:
+        return None
+    words, quoted = _unquote(match[3])
+    if len(words) != 1 or not words[0]:
+        return None
+    return Heredoc(words[0], "", expand=not quoted, strip_tabs=match[2] == "-")
+
+
+def _raw_words(line: str) -> list[str]:
+    """Split on white space outside quotes, keeping quotes and backslash escapes as written."""
+    words: list[str] = []
+    word: list[str] = []
+    quote = ""
+    chars = iter(line)
+    for ch in chars:
+        if ch == "\\" and quote != "'":
+            word += [ch, next(chars, "")]
+        elif quote:
+            word.append(ch)
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+            word.append(ch)
+        elif ch in GO_SPACE:
+            if word:
+                words.append("".join(word))
+            word = []
+        else:
+            word.append(ch)
+    if word:
+        words.append("".join(word))
+    return words
+
+
+def _unquote(text: str) -> tuple[list[str], bool]:
+    """Shell words with quotes removed and escapes applied, and whether any quotes were used."""
+    words: list[str] = []
+    word: list[str] = []
+    quote = ""
+    quoted = False
+    pos = 0
+    while pos < len(text):
+        ch = text[pos]
+        pos += 1
+        if quote and ch == quote:
+            quote = ""
+        elif quote == '"' and ch == "\\" and text[pos : pos + 1] in ('"', "\\", "$"):
+            word.append(text[pos])
+            pos += 1
+        elif quote:
+            word.append(ch)
+        elif ch in "'\"":
+            quote, quoted = ch, True
+        elif ch == "\\":
+            word.append(text[pos : pos + 1])
+            pos += 1
+        elif ch in GO_SPACE:
+            if word:
+                words.append("".join(word))
+            word = []
+        else:
+            word.append(ch)
+    if word or quoted:
+        words.append("".join(word))
+    return ([] if quote else words), quoted

@@ -8,30 +8,30 @@ layer (or none, when nothing changed) and records the result.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
 import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from builder.buildcontext import BuildContext, tree_digests
+from builder.buildcontext import BuildContext
 from builder.cachekey import CacheKey, base_key, explain_miss, step_key
 from builder.digest import sha256_digest
 from builder.errors import BuilderError, ContextError, StepFailed
 from builder.fscopy import make_dirs
-from builder.layer import Compression, write_layer
+from builder.layer import COMPRESSION_ANNOTATION, Compression, write_layer
 from builder.oci import canonical_json, format_time
 from builder.plan import ConfigStep, CopyStep, RunStep, Stage, Step, WorkdirStep
-from builder.rootpath import resolve_in_root
 from builder.sandbox import SandboxSpec, run_sandboxed
 from builder.snapshot import Mounted, Snapshotter
 from builder.store import Store
-from builder.transfer import context_sources, run_copy
+from builder.transfer import run_copy, source_digests
 from builder.users import Identity, resolve_user
 
 __all__ = ["BuildSettings", "ImageState", "Layer", "StageExecutor"]
@@ -181,11 +181,11 @@ class StageExecutor:
     ) -> tuple[Any, dict[str, str] | None]:
         """What the copied content is: a stage's or image's layers, or the context files' digests."""
         origin = self._origin(step, sources)
-        if origin is not None:
-            found = self._origin_digests(step, origin)
-            return sha256_digest(canonical_json(found)), found
         try:
-            found = self.context.entry_digests(context_sources(step, self.context))
+            if origin is not None:
+                found = self._origin_digests(step, origin)
+            else:
+                found = source_digests(step, self.context, None, self.workdir)
         except BuilderError as exc:
             raise self._fail(step, str(exc)) from exc
         return sha256_digest(canonical_json(found)), found
@@ -196,16 +196,13 @@ class StageExecutor:
         Layers name their content, so the result is memoised by them: a cached source stage
         costs no mount; a rebuilt one that made the same files still hits.
         """
-        memo = sha256_digest(canonical_json({"layers": origin.diff_ids, "sources": list(step.sources)}))
+        selection = {"sources": list(step.sources), "exclude": list(step.exclude), "parents": step.parents}
+        memo = sha256_digest(canonical_json({"layers": origin.diff_ids, **selection}))
         found = self.store.get_memo(memo)
         if isinstance(found, dict):
             return found
-        found = {}
         with self.snapshots.mount(origin.diff_ids, self.workdir, writable=False) as src:
-            for pattern in step.sources:
-                path = resolve_in_root(src.merged, pattern)
-                if os.path.lexists(path):
-                    found |= tree_digests(path, pattern)
+            found = source_digests(step, self.context, src.merged, self.workdir)
         self.store.put_memo(memo, found)
         return found
 
@@ -224,22 +221,24 @@ class StageExecutor:
 
     def _execute(self, step: Step, state: ImageState, sources: Mapping[int | str, ImageState]) -> Json:
         now = float(self.settings.epoch) if self.settings.epoch is not None else time.time()
-        with self.snapshots.mount(state.diff_ids, self.workdir, writable=True) as mounted:
+        # COPY --link writes onto nothing: its layer does not depend on the ones below.
+        lowers = [] if isinstance(step, CopyStep) and step.link else state.diff_ids
+        with self.snapshots.mount(lowers, self.workdir, writable=True) as mounted:
             if isinstance(step, RunStep):
                 self._run(step, mounted)
             elif isinstance(step, CopyStep):
-                self._copy(step, mounted, sources)
+                self._copy(step, mounted, sources, state)
             elif isinstance(step, WorkdirStep):
                 self._mkdir(step, mounted)
         assert mounted.upper is not None
         try:
-            layer = self._commit(mounted.upper, state)
+            layer = self._commit(mounted.upper, lowers)
         finally:
             shutil.rmtree(mounted.upper.parent, ignore_errors=True)
         return {"created": now, "layer": layer}
 
-    def _commit(self, upper: Path, state: ImageState) -> Json | None:
-        lowers = [self.snapshots.path(d) for d in reversed(state.diff_ids)]
+    def _commit(self, upper: Path, diff_ids: list[str]) -> Json | None:
+        lowers = [self.snapshots.path(d) for d in reversed(diff_ids)]
         settings = self.settings
         with self.store.blob_writer() as writer:
             blob = write_layer(
@@ -253,7 +252,13 @@ class StageExecutor:
             if blob is None:
                 return None
             writer.commit_hashed(blob.digest)
-        desc = {"mediaType": blob.media_type, "digest": blob.digest, "size": blob.size}
+        desc = {
+            "mediaType": blob.media_type,
+            "digest": blob.digest,
+            "size": blob.size,
+            # How to recompress the tar to these bytes, for whoever verifies the build.
+            "annotations": {COMPRESSION_ANNOTATION: settings.compression.settings(settings.level)},
+        }
         self.store.add_layer_blob(blob.diff_id, desc)
         self.snapshots.commit(blob.diff_id, upper)
         return {"diff_id": blob.diff_id, "blob": desc}
@@ -290,15 +295,18 @@ class StageExecutor:
             return sources[step.from_image]
         return None
 
-    def _copy(self, step: CopyStep, mounted: Mounted, sources: Mapping[int | str, ImageState]) -> None:
+    def _copy(
+        self, step: CopyStep, mounted: Mounted, sources: Mapping[int | str, ImageState], state: ImageState
+    ) -> None:
         origin = self._origin(step, sources)
-        staging = self.workdir / "heredocs" / str(step.line)
+        # --chown by name reads the image's /etc/passwd, which a --link copy does not write onto.
+        by_name = step.chown is not None and not step.chown.replace(":", "").isdigit()
         try:
-            if origin is None:
-                run_copy(step, mounted.merged, self.context, None, staging)
-                return
-            with self.snapshots.mount(origin.diff_ids, self.workdir, writable=False) as src:
-                run_copy(step, mounted.merged, self.context, src.merged, staging)
+            with contextlib.ExitStack() as stack:
+                mount = partial(self.snapshots.mount, workdir=self.workdir, writable=False)
+                src = stack.enter_context(mount(origin.diff_ids)).merged if origin else None
+                users = stack.enter_context(mount(state.diff_ids)).merged if step.link and by_name else None
+                run_copy(step, mounted.merged, self.context, src, self.workdir, users or mounted.merged)
         except BuilderError as exc:
             raise self._fail(step, str(exc)) from exc
 

@@ -7,8 +7,7 @@ same text here as under BuildKit; the few deliberate differences are marked wher
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from builder.errors import ExpansionError
@@ -21,8 +20,12 @@ _SPECIAL_PARAMS = frozenset("@*#?-$!0")
 _OPERATORS = frozenset("-+?#%")
 # Go's unicode.IsSpace, which separates fields, does not count these; Python's isspace does.
 _NOT_GO_SPACE = frozenset("\x1c\x1d\x1e\x1f")
-# A wildcard ``*`` among pattern tokens; every other token is an escaped literal or ``.``.
-_STAR = "*"
+# Pattern tokens: these two wildcards, or a literal character (always one character long).
+_STAR = "<*>"
+_ANY = "<?>"
+# ${...} inside ${...} deeper than this is refused rather than recursing without bound.
+_MAX_DEPTH = 100
+_SHOWN = 80  # characters of the source an error message quotes
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class _Expander:
         self._env = env
         self._escape = escape
         self._pos = 0
+        self._depth = 0
         self.used: set[str] = set()
 
     def _peek(self) -> str:
@@ -106,7 +110,8 @@ class _Expander:
 
     def _error(self, reason: str) -> ExpansionError:
         end = "" if reason.endswith((".", "!", "?")) else "."
-        return ExpansionError(f"Cannot expand {self._source!r}: {reason}{end}")
+        shown = self._source if len(self._source) <= _SHOWN else self._source[:_SHOWN] + "..."
+        return ExpansionError(f"Cannot expand {shown!r}: {reason}{end}")
 
     def _lookup(self, name: str) -> str | None:
         self.used.add(name)
@@ -116,6 +121,14 @@ class _Expander:
         """Expand up to the unquoted ``stop`` character (consumed), or to the end when ``stop``
         is empty. ``raw`` keeps escape characters in the output: patterns and replacements
         are read that way so that ``\\*`` and ``\\}`` survive to the pattern compiler."""
+        self._depth += 1  # each ${...} level runs once more; an error ends the whole expansion
+        if self._depth > _MAX_DEPTH:
+            raise self._error(f"substitutions are nested more than {_MAX_DEPTH} levels deep")
+        result = self._scan(stop, raw)
+        self._depth -= 1
+        return result
+
+    def _scan(self, stop: str, raw: bool) -> tuple[str, list[str]]:
         out: list[str] = []
         fields = _Fields()
         while ch := self._peek():
@@ -243,16 +256,16 @@ class _Expander:
         pattern, _ = self.run("/", raw=True)
         replacement, _ = self.run("}", raw=True)
         value = self._lookup(name) or ""
-        regex = _compile(self._pattern(pattern), longest=True)
+        tokens = self._pattern(pattern)
         if every:
-            return _replace_all(regex, value, replacement)
-        match = regex.search(value)
-        if match is None:
+            return _replace_all(tokens, value, replacement)
+        found = _find(tokens, value, 0, anchored=False, longest=True)
+        if found is None:
             return value
-        return value[: match.start()] + replacement + value[match.end() :]
+        return value[: found[0]] + replacement + value[found[1] :]
 
     def _pattern(self, pattern: str) -> list[str]:
-        """Regex pieces, one per pattern character. Like lex.go, ``*`` and ``?`` are wildcards
+        """Tokens, one per pattern character. Like lex.go, ``*`` and ``?`` are wildcards
         and ``[`` is literal (no bracket expressions); the pattern's own escape is always
         ``\\``, whatever the Dockerfile's escape character."""
         tokens: list[str] = []
@@ -263,34 +276,75 @@ class _Expander:
             if ch == "*":
                 tokens.append(_STAR)
             elif ch == "?":
-                tokens.append(".")
+                tokens.append(_ANY)
             elif ch != "\\":
-                tokens.append(re.escape(ch))
+                tokens.append(ch)
             elif pattern[i : i + 1] in ("}", "/"):
                 continue  # escaped only to get past the ${...} parser; the next char is literal
             elif pattern[i : i + 1] in ("*", "?", "\\"):
-                tokens.append(re.escape(pattern[i]))
+                tokens.append(pattern[i])
                 i += 1
             else:
                 raise self._error(f"invalid escape in pattern {pattern!r}")
         return tokens
 
 
-def _compile(tokens: list[str], *, longest: bool) -> re.Pattern[str]:
-    star = ".*" if longest else ".*?"
-    return re.compile("".join(star if token == _STAR else token for token in tokens))
+def _find(
+    tokens: Sequence[str], value: str, pos: int, *, anchored: bool, longest: bool
+) -> tuple[int, int] | None:
+    """The leftmost match of the pattern in ``value`` from ``pos`` (only at ``pos`` when
+    anchored), the longest or the shortest one there: ``(start, end)``, or None.
+
+    What Go's regexp (and so lex.go) finds for ``.*`` and ``.`` with greedy or lazy stars, which
+    for these patterns is the same match. Walked as an NFA in time linear in the value: Python's
+    backtracking re needs exponential time for a pattern such as ``${V#************b}``.
+    """
+    threads: dict[int, int] = {}  # token index -> the leftmost start that got there
+    best: tuple[int, int] | None = None
+    for at in range(pos, len(value) + 1):
+        if best is None and (at == pos or not anchored):
+            threads.setdefault(0, at)
+        for index, token in enumerate(tokens):  # a star may also match nothing
+            if token == _STAR and index in threads:
+                threads[index + 1] = min(threads.get(index + 1, at), threads[index])
+        start = threads.get(len(tokens))
+        if start is not None and (best is None or start < best[0] or longest):
+            best = (start, at)
+        if best is not None:
+            threads = {i: s for i, s in threads.items() if s < best[0] or (longest and s == best[0])}
+        if not threads or at == len(value):
+            break
+        threads = _step(tokens, threads, value[at])
+    return best
+
+
+def _step(tokens: Sequence[str], threads: dict[int, int], char: str) -> dict[int, int]:
+    """The threads after reading ``char``; like ``.`` in Go and Python, no wildcard reads \\n."""
+    after: dict[int, int] = {}
+    for index, start in threads.items():
+        token = tokens[index] if index < len(tokens) else None
+        if token in (_STAR, _ANY) and char == "\n":
+            continue
+        if token == _STAR:
+            target = index
+        elif token in (_ANY, char):
+            target = index + 1
+        else:
+            continue
+        after[target] = min(after.get(target, start), start)
+    return after
 
 
 def _trim(value: str, tokens: list[str], longest: bool, *, suffix: bool) -> str:
-    # A regex finds the leftmost match, not the shortest rightmost one, so a suffix is
+    # A match is found leftmost, not as the shortest rightmost one, so a suffix is
     # trimmed as a prefix of the reversed value with the reversed pattern.
     if suffix:
         return _trim(value[::-1], tokens[::-1], longest, suffix=False)[::-1]
-    match = _compile(tokens, longest=longest).match(value)
-    return value[match.end() :] if match else value
+    found = _find(tokens, value, 0, anchored=True, longest=longest)
+    return value[found[1] :] if found else value
 
 
-def _replace_all(regex: re.Pattern[str], value: str, replacement: str) -> str:
+def _replace_all(tokens: Sequence[str], value: str, replacement: str) -> str:
     """Replace as Go's Regexp.ReplaceAllString does, with a literal replacement.
 
     Python's re.sub also replaces an empty match right after a non-empty one, so ``${V//*/r}``
@@ -301,13 +355,14 @@ def _replace_all(regex: re.Pattern[str], value: str, replacement: str) -> str:
     last_end = 0
     pos = 0
     while pos <= len(value):
-        match = regex.search(value, pos)
-        if match is None:
+        found = _find(tokens, value, pos, anchored=False, longest=True)
+        if found is None:
             break
-        out.append(value[last_end : match.start()])
-        if match.end() > last_end or match.start() == 0:
+        start, end = found
+        out.append(value[last_end:start])
+        if end > last_end or start == 0:
             out.append(replacement)
-        last_end = match.end()
-        pos = max(pos + 1, match.end())
+        last_end = end
+        pos = max(pos + 1, end)
     out.append(value[last_end:])
     return "".join(out)

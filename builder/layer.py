@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COMPRESSIONS",
+    "COMPRESSION_ANNOTATION",
     "Compression",
     "LayerBlob",
     "apply_layer",
@@ -51,6 +52,8 @@ __all__ = [
 GZIP_DEFAULT_LEVEL = 1
 # zstd's own default: ratio 2.4 against gzip's 1.4 at 120 MB/s per thread.
 ZSTD_DEFAULT_LEVEL = 3
+# The layer descriptor annotation that records Compression.settings: how to recompress.
+COMPRESSION_ANNOTATION = "dev.builder.layer.compression"
 # Both compressors cut their input into blocks, and the bytes out depend on where the cuts fall.
 # Pinning the block and feeding whole blocks makes the output a function of the tar alone.
 _BLOCK = 1 << 20
@@ -79,6 +82,19 @@ class Compression:
 
     name: str
     media_type: str
+
+    def settings(self, level: int | None = None) -> str:
+        """The encoder settings that make this kind of blob, for :data:`COMPRESSION_ANNOTATION`.
+
+        Enough for a verifier to recompress a layer tar to the same bytes: the encoder, the
+        level and the block size it is fed (the thread count does not change the bytes).
+        """
+        if self.name == "gzip":
+            return f"gzip;encoder=isa-l;level={_level(self, level, GZIP_DEFAULT_LEVEL, 3)};block={_BLOCK}"
+        if self.name == "zstd":
+            top = zstandard.MAX_COMPRESSION_LEVEL
+            return f"zstd;encoder=zstd-mt;level={_level(self, level, ZSTD_DEFAULT_LEVEL, top)};block={_BLOCK}"
+        return self.name
 
 
 COMPRESSIONS: Mapping[str, Compression] = MappingProxyType(

@@ -1,26 +1,55 @@
 """Instructions → a build plan: stages, steps, the stage graph, ARG and ENV scoping.
 
-Pure: the base images' configs, the build args and the platform come in as arguments. The
-image config of every stage is fully known here; only the layers are left to the executor.
+BuildKit's ``dockerfile2llb`` is the model. ARGs before the first FROM, over the automatic
+platform ARGs, form the global scope that FROM lines expand in; inside a stage an ARG must be
+declared to be seen. A stage's variables are its image's ENV plus the ARGs it declared, a later
+ENV or ARG of the same name replacing an earlier one: words expand in them and RUN sees them.
+Only the stages the target needs are planned. Pure: the base images' configs, the build args and
+the platform come in as arguments.
 """
 
 from __future__ import annotations
 
 import copy
+import csv
+import dataclasses
 import posixpath
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from builder.dockerfile import Dockerfile, Heredoc, Instruction, parse_exec_form
-from builder.errors import DockerfileError, ExpansionError
+from builder.dockerfile import GO_SPACE, Dockerfile, parse_dockerfile, parse_heredoc_word, suggest
+from builder.errors import BuilderError, DockerfileError, ExpansionError
 from builder.expansion import expand_word, expand_words
+from builder.instructions import (
+    ArgCommand,
+    Command,
+    CopyCommand,
+    ExecCommand,
+    FromCommand,
+    HealthcheckCommand,
+    InvalidValue,
+    ListCommand,
+    Mount,
+    OnbuildCommand,
+    PairsCommand,
+    RunCommand,
+    ValueCommand,
+    check_chmod,
+    check_platform,
+    check_signal,
+    parse_command,
+    parse_mount,
+    parse_ports,
+)
+from builder.oci import parse_reference
 
 __all__ = [
     "DEFAULT_PATH",
     "ConfigStep",
     "CopyStep",
+    "Mount",
     "Plan",
     "RunStep",
     "Stage",
@@ -28,33 +57,16 @@ __all__ = [
     "WorkdirStep",
     "base_images",
     "make_plan",
+    "parse_build_args",
+    "platform_args",
 ]
 
 Json = dict[str, Any]
+T = TypeVar("T")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_SHELL = ("/bin/sh", "-c")
-PROXY_ARGS = frozenset(
-    name
-    for base in ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY")
-    for name in (base, base.lower())
-)
-_WORD = re.compile(r"\S+")
-_HEALTHCHECK_FLAGS = {
-    "interval": "Interval",
-    "timeout": "Timeout",
-    "start-period": "StartPeriod",
-    "start-interval": "StartInterval",
-    "retries": "Retries",
-}
-_DURATION_UNITS = {
-    "ns": 1,
-    "us": 10**3,
-    "µs": 10**3,
-    "ms": 10**6,
-    "s": 10**9,
-    "m": 60 * 10**9,
-    "h": 3600 * 10**9,
-}
+_PROXIES = ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY")
+PROXY_ARGS = frozenset(name for base in _PROXIES for name in (base, base.lower()))
 
 
 @dataclass(frozen=True)
@@ -63,9 +75,14 @@ class RunStep:
     env: tuple[tuple[str, str], ...]
     user: str
     workdir: str
-    network: str
+    network: str  # default | none | host
     line: int
     created_by: str
+    mounts: tuple[Mount, ...] = ()
+    security: str = "sandbox"  # sandbox | insecure
+    # (path, content): read-only executable files the command needs; a heredoc script that
+    # starts with #! is run from /dev/pipes/<NAME>, as BuildKit does.
+    files: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,10 +92,17 @@ class CopyStep:
     from_stage: int | None
     from_image: str | None
     chown: str | None
-    chmod: str | None
+    chmod: str | None  # octal or symbolic (u=rwX,go=rX)
     inline: tuple[tuple[str, str], ...]  # heredoc sources: (name, content)
     line: int
     created_by: str
+    add: bool = False  # ADD: URL and Git sources are fetched, local tar archives unpacked
+    link: bool = False
+    parents: bool = False
+    exclude: tuple[str, ...] = ()
+    checksum: str | None = None  # ADD: sha256:<hex> of a URL, or a commit (prefix) of Git
+    keep_git_dir: bool = False
+    unpack: bool | None = None  # ADD: None leaves the default (local archives only)
 
 
 @dataclass(frozen=True)
@@ -86,6 +110,7 @@ class WorkdirStep:
     path: str
     line: int
     created_by: str
+    user: str = ""  # BuildKit creates missing directories as the current USER
 
 
 @dataclass(frozen=True)
@@ -109,12 +134,18 @@ class Stage:
     config: Json  # the image config's "config" section after the last step
     author: str | None
     line: int
+    platform: str | None = None  # FROM --platform, expanded
+    built: bool = True  # False: the target does not need this stage, so it is not planned
 
     @property
     def needs(self) -> tuple[int, ...]:
-        """The stages this one reads from: its base and every COPY --from."""
+        """The stages this one reads from: its base, COPY --from and RUN --mount from=."""
         deps = {self.base_stage} if self.base_stage is not None else set()
-        deps.update(s.from_stage for s in self.steps if isinstance(s, CopyStep) and s.from_stage is not None)
+        for step in self.steps:
+            if isinstance(step, CopyStep) and step.from_stage is not None:
+                deps.add(step.from_stage)
+            if isinstance(step, RunStep):
+                deps.update(m.from_stage for m in step.mounts if m.from_stage is not None)
         return tuple(sorted(deps))
 
 
@@ -124,35 +155,38 @@ class Plan:
     target: int
     order: tuple[int, ...]  # the stages the target needs, dependencies first
     unused_args: tuple[str, ...]
-    images: tuple[str, ...] = ()  # every image reference the plan reads (FROM and COPY --from)
+    images: tuple[str, ...] = ()  # every image reference the plan reads (FROM, --from, from=)
+    warnings: tuple[str, ...] = ()
 
     def to_json(self) -> Json:
-        """The plan as plain data, for ``--print plan`` and golden tests."""
+        """The plan as plain data, for ``--print plan`` and golden tests; fields that hold their
+        default are left out, and RUN environments are written NAME=VALUE."""
+        stages = []
+        for stage in self.stages:
+            steps = [{"kind": type(step).__name__, **_data(step)} for step in stage.steps]
+            for step in steps:
+                if "env" in step:
+                    step["env"] = [f"{name}={value}" for name, value in step["env"]]
+            stages.append({**_data(stage), "steps": steps})
+        return {**_data(self), "stages": stages}
+
+
+def _data(value: Any) -> Any:
+    """Dataclasses as dicts without the fields at their default; tuples as lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
-            "target": self.target,
-            "order": list(self.order),
-            "unused_args": list(self.unused_args),
-            "stages": [
-                {
-                    **asdict(stage),
-                    "steps": [{"kind": type(s).__name__, **asdict(s)} for s in stage.steps],
-                }
-                for stage in self.stages
-            ],
+            f.name: _data(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.default is dataclasses.MISSING or getattr(value, f.name) != f.default
         }
-
-
-@dataclass(frozen=True)
-class _From:
-    image: str
-    name: str | None
-    platform: str | None
-    line: int
+    if isinstance(value, list | tuple):
+        return [_data(item) for item in value]
+    return value
 
 
 def platform_args(os_name: str, arch: str) -> dict[str, str]:
     """The automatic platform ARGs; build and target platform are the host's."""
-    values = {}
+    values: dict[str, str] = {}
     for prefix in ("BUILD", "TARGET"):
         values |= {
             f"{prefix}PLATFORM": f"{os_name}/{arch}",
@@ -163,77 +197,253 @@ def platform_args(os_name: str, arch: str) -> dict[str, str]:
     return values
 
 
-def _stage_headers(
-    dockerfile: Dockerfile, build_args: Mapping[str, str], auto_args: Mapping[str, str]
-) -> tuple[list[_From], dict[str, str], set[str]]:
-    """Resolve the FROM lines with the global ARGs; return them, the global scope and used names."""
-    scope: dict[str, str] = {}
-    used: set[str] = set()
-    headers: list[_From] = []
-    for ins in dockerfile.instructions:
-        if ins.keyword == "ARG" and not headers:
-            for name, default in _arg_pairs(ins, dockerfile, scope):
-                value = build_args.get(name, default if default is not None else auto_args.get(name))
-                if value is not None:
-                    scope[name] = value
-                used.add(name)
-        elif ins.keyword == "FROM":
-            headers.append(_from_header(ins, dockerfile, {**auto_args, **scope}, used))
-        elif not headers:
-            raise DockerfileError(
-                f"{ins.keyword} before the first FROM: only ARG may come before FROM",
-                filename=dockerfile.filename,
-                line=ins.line,
+def parse_build_args(items: Iterable[str], environ: Mapping[str, str]) -> dict[str, str]:
+    """``--build-arg`` values: NAME=VALUE, or NAME alone for the value in ``environ`` (an arg
+    the environment lacks is left out, as ``docker buildx build`` does)."""
+    args: dict[str, str] = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not name or any(ch in GO_SPACE for ch in name):
+            raise BuilderError(
+                f"invalid --build-arg {item!r}: write NAME=VALUE, or NAME to pass on the environment's value."
             )
-    if not headers:
+        if eq:
+            args[name] = value
+        elif name in environ:
+            args[name] = environ[name]
+    return args
+
+
+@dataclass(frozen=True)
+class _Header:
+    """A FROM line resolved in the global scope."""
+
+    cmd: FromCommand
+    image: str
+    platform: str | None
+    base_stage: int | None
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    dockerfile: Dockerfile
+    meta: tuple[ArgCommand, ...]  # the ARGs before the first FROM
+    headers: tuple[_Header, ...]
+    bodies: tuple[tuple[Command, ...], ...]
+    scope: Mapping[str, str]  # the global scope
+    declared: frozenset[str]  # the global ARGs
+
+    def error(self, line: int, message: str) -> DockerfileError:
+        return DockerfileError(message, filename=self.dockerfile.filename, line=line)
+
+
+def _expand(df: Dockerfile, line: int, word: str, scope: Mapping[str, str]) -> tuple[str, frozenset[str]]:
+    try:
+        result = expand_word(word, scope, escape=df.escape)
+    except ExpansionError as exc:
+        raise DockerfileError(str(exc), filename=df.filename, line=line) from exc
+    return result.text, result.used
+
+
+def _parse(df: Dockerfile, build_args: Mapping[str, str], auto_args: Mapping[str, str]) -> _Parsed:
+    """Check every instruction, then resolve the global scope and the FROM lines."""
+    meta: list[ArgCommand] = []
+    froms: list[FromCommand] = []
+    bodies: list[list[Command]] = []
+    for ins in df.instructions:
+        cmd = parse_command(ins, df)
+        if isinstance(cmd, FromCommand):
+            froms.append(cmd)
+            bodies.append([])
+        elif froms:
+            bodies[-1].append(cmd)
+        elif isinstance(cmd, ArgCommand):
+            meta.append(cmd)
+        else:
+            raise DockerfileError(
+                f"{ins.word} comes before the first FROM; only ARG may.", filename=df.filename, line=ins.line
+            )
+    if not froms:
         raise DockerfileError(
-            "no FROM instruction: a Dockerfile needs at least one stage",
-            filename=dockerfile.filename,
+            "the Dockerfile has no FROM: a build needs at least one stage.", filename=df.filename
         )
-    return headers, scope, used
+    scope = {name: build_args.get(name, value) for name, value in auto_args.items()}
+    declared: set[str] = set()
+    for arg in meta:
+        for name, default in arg.pairs:
+            declared.add(name)
+            if name in build_args:
+                scope[name] = build_args[name]
+            elif default is not None:
+                scope[name] = _expand(df, arg.ins.line, default, scope)[0]
+    headers = _headers(df, froms, scope)
+    return _Parsed(df, tuple(meta), headers, tuple(map(tuple, bodies)), scope, frozenset(declared))
 
 
-def _from_header(ins: Instruction, dockerfile: Dockerfile, scope: Mapping[str, str], used: set[str]) -> _From:
-    words = ins.args.split()
-    if len(words) not in (1, 3) or (len(words) == 3 and words[1].upper() != "AS"):
+def _headers(df: Dockerfile, froms: list[FromCommand], scope: Mapping[str, str]) -> tuple[_Header, ...]:
+    headers: list[_Header] = []
+    names: dict[str, int] = {}
+    for index, cmd in enumerate(froms):
+        line = cmd.ins.line
+        image, used = _expand(df, line, cmd.image, scope)
+        if not image:
+            unset = sorted(name for name in used if not scope.get(name)) or ["?"]
+            raise DockerfileError(
+                f"FROM {cmd.image} expands to an empty image name: give ARG {unset[0]} a default "
+                f"before the first FROM, or pass --build-arg {unset[0]}=<image>.",
+                filename=df.filename,
+                line=line,
+            )
+        platform = _from_platform(df, cmd, scope)
+        base_stage = names.get(image)
+        if base_stage is None and image != "scratch":
+            try:
+                _check_reference(image)
+            except InvalidValue as exc:
+                unset = sorted(name for name in used if not scope.get(name))
+                hint = f" ({', '.join(unset)} has no value before the first FROM)" if unset else ""
+                where = f"FROM {cmd.image} expands to {image!r}{hint}: " if image != cmd.image else ""
+                raise DockerfileError(f"{where}{exc}", filename=df.filename, line=line) from exc
+        if cmd.name in names:
+            first = headers[names[cmd.name]].cmd.ins.line
+            raise DockerfileError(
+                f"the stage name {cmd.name!r} is taken by the stage on line {first}; names must be unique.",
+                filename=df.filename,
+                line=line,
+            )
+        if cmd.name:
+            names[cmd.name] = index
+        headers.append(_Header(cmd, image, platform, base_stage))
+    return tuple(headers)
+
+
+def _from_platform(df: Dockerfile, cmd: FromCommand, scope: Mapping[str, str]) -> str | None:
+    if cmd.platform is None:
+        return None
+    platform = _expand(df, cmd.ins.line, cmd.platform, scope)[0]
+    if not platform:
         raise DockerfileError(
-            "FROM takes an image and an optional 'AS name' (FROM image [AS name])",
-            filename=dockerfile.filename,
-            line=ins.line,
+            f"FROM --platform={cmd.platform} expands to nothing.", filename=df.filename, line=cmd.ins.line
         )
-    image = _expand(words[0], scope, ins, dockerfile, used)
-    if not image:
-        raise DockerfileError(
-            f"FROM {words[0]} expands to an empty image name; give the ARG a value",
-            filename=dockerfile.filename,
-            line=ins.line,
-        )
-    name = words[2].lower() if len(words) == 3 else None
-    if name is not None and not re.fullmatch(r"[a-z][a-z0-9._-]*", name):
-        raise DockerfileError(f"invalid stage name {words[2]!r}", filename=dockerfile.filename, line=ins.line)
-    return _From(image, name, ins.flag("platform"), ins.line)
+    _checked(df, cmd.ins.line, check_platform, platform)
+    return platform
 
 
-def _stage_index(headers: Sequence[_From], ref: str, before: int) -> int | None:
-    """The stage a FROM or --from names (by name, or by index for --from), if any."""
-    for index, header in enumerate(headers[:before]):
-        if header.name == ref.lower():
-            return index
-    if ref.isdigit() and int(ref) < before:
-        return int(ref)
+def _check_reference(ref: str) -> None:
+    try:
+        parse_reference(ref)
+    except ValueError as exc:
+        raise InvalidValue(f"{exc}.") from exc
+
+
+def _checked(df: Dockerfile, line: int, check: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a value check; an invalid value is a DockerfileError at ``line``."""
+    try:
+        return check(*args, **kwargs)
+    except InvalidValue as exc:
+        raise DockerfileError(str(exc), filename=df.filename, line=line) from exc
+
+
+def _stage_ref(
+    parsed: _Parsed, index: int, line: int, ref: str, *, by_number: bool
+) -> tuple[int | None, str | None]:
+    """What ``--from=ref`` (or ``from=ref``) in stage ``index`` names: an earlier stage or an image."""
+    headers = parsed.headers
+    stage: int | None
+    if by_number and re.fullmatch(r"[-+]?\d+", ref):
+        stage = int(ref)
+        if not 0 <= stage < len(headers):
+            raise parsed.error(line, f"--from={ref}: there is no stage {stage}; stages are numbered from 0.")
+    else:
+        stage = next((i for i, h in enumerate(headers) if h.cmd.name == ref.lower()), None)
+    if stage is None:
+        _checked(parsed.dockerfile, line, _check_reference, ref)
+        return None, ref
+    if stage >= index:
+        where = "this very stage" if stage == index else f"the stage on line {headers[stage].cmd.ins.line}"
+        raise parsed.error(line, f"--from={ref} names {where}; a stage can only read from stages before it.")
+    return stage, None
+
+
+def _copy_ref(parsed: _Parsed, index: int, cmd: CopyCommand) -> tuple[int | None, str | None]:
+    ref = cmd.flags.get("from")
+    if ref is None:
+        return None, None
+    if expand_word(ref, {}, escape=parsed.dockerfile.escape).text != ref:
+        raise parsed.error(
+            cmd.ins.line,
+            f"--from={ref}: variables are not expanded in --from; "
+            "define a stage with FROM and a global ARG, and copy from it.",
+        )
+    return _stage_ref(parsed, index, cmd.ins.line, ref, by_number=True)
+
+
+def _static_deps(parsed: _Parsed) -> list[set[int]]:
+    """Each stage's dependencies as written: its base, COPY --from, RUN --mount from=."""
+    deps: list[set[int]] = []
+    for index, (header, body) in enumerate(zip(parsed.headers, parsed.bodies, strict=True)):
+        refs: list[tuple[int | None, str | None]] = [(header.base_stage, None)]
+        for cmd in body:
+            if isinstance(cmd, CopyCommand) and cmd.keyword == "COPY":
+                refs.append(_copy_ref(parsed, index, cmd))
+            elif isinstance(cmd, RunCommand):
+                froms = [ref for ref in map(_mount_from, cmd.mounts) if ref]
+                refs += [_stage_ref(parsed, index, cmd.ins.line, ref, by_number=False) for ref in froms]
+        deps.append({stage for stage, _ in refs if stage is not None})
+    return deps
+
+
+def _mount_from(spec: str) -> str | None:
+    """The from= of a --mount, as written (it cannot hold variables)."""
+    for field_ in next(csv.reader([spec]), []):
+        key, eq, value = field_.partition("=")
+        if eq and key.lower() == "from" and "$" not in value:
+            return value
     return None
 
 
+def _closure(roots: Iterable[int], deps: list[set[int]]) -> set[int]:
+    seen: set[int] = set()
+    todo = list(roots)
+    while todo:
+        index = todo.pop()
+        if index not in seen:
+            seen.add(index)
+            todo.extend(deps[index])
+    return seen
+
+
+def _target(parsed: _Parsed, target: str | None) -> int:
+    if target is None:
+        return len(parsed.headers) - 1
+    names = [h.cmd.name for h in parsed.headers if h.cmd.name]
+    for index, header in enumerate(parsed.headers):
+        if header.cmd.name == target.lower():
+            return index
+    hint = suggest(target.lower(), names)
+    if hint == ".":
+        hint = (
+            f"; the named stages are {', '.join(names)}."
+            if names
+            else "; no stage has a name (FROM image AS name)."
+        )
+    raise DockerfileError(f"--target {target!r} names no stage{hint}", filename=parsed.dockerfile.filename)
+
+
 def base_images(
-    dockerfile: Dockerfile, build_args: Mapping[str, str], auto_args: Mapping[str, str]
+    dockerfile: Dockerfile,
+    build_args: Mapping[str, str],
+    auto_args: Mapping[str, str],
+    target: str | None = None,
 ) -> tuple[str, ...]:
-    """The image references used as FROM bases (not scratch, not stages), in order."""
-    headers, _, _ = _stage_headers(dockerfile, build_args, auto_args)
-    refs: list[str] = []
-    for index, header in enumerate(headers):
-        if header.image != "scratch" and _stage_index(headers, header.image, index) is None:
-            refs.append(header.image)
-    return tuple(dict.fromkeys(refs))
+    """The image references used as FROM bases (not scratch, not stages), in order: of every
+    stage, or only of those ``target`` needs when it is given."""
+    parsed = _parse(dockerfile, build_args, auto_args)
+    indexes: Iterable[int] = range(len(parsed.headers))
+    if target is not None:
+        indexes = sorted(_closure([_target(parsed, target)], _static_deps(parsed)))
+    headers = [parsed.headers[index] for index in indexes]
+    return tuple(dict.fromkeys(h.image for h in headers if h.image != "scratch" and h.base_stage is None))
 
 
 def make_plan(
@@ -244,462 +454,421 @@ def make_plan(
     auto_args: Mapping[str, str],
     target: str | None = None,
 ) -> Plan:
-    """Plan every stage; ``base_configs`` maps each of :func:`base_images` to its image config."""
-    headers, global_scope, used = _stage_headers(dockerfile, build_args, auto_args)
-    names = [h.name for h in headers]
-    for index, name in enumerate(names):
-        if name is not None and name in names[:index]:
-            raise DockerfileError(
-                f"the stage name {name!r} is used twice",
-                filename=dockerfile.filename,
-                line=headers[index].line,
-            )
-    bodies = _stage_bodies(dockerfile)
-    stages: list[Stage] = []
-    for index, header in enumerate(headers):
-        base_stage = None if header.image == "scratch" else _stage_index(headers, header.image, index)
-        if base_stage is not None:
-            base_config = stages[base_stage].config
-        elif header.image == "scratch":
-            base_config = {}
-        else:
-            base_config = base_configs[header.image].get("config") or {}
-        state = _StageState(
-            dockerfile,
-            headers,
-            index,
-            copy.deepcopy(base_config),
-            global_scope,
-            build_args,
-            auto_args,
-            used,
-        )
-        for ins in bodies[index]:
-            state.dispatch(ins)
-        stages.append(
-            Stage(
-                index,
-                header.name,
-                None if header.image == "scratch" or base_stage is not None else header.image,
-                base_stage,
-                tuple(state.steps),
-                state.config,
-                state.author,
-                header.line,
-            )
-        )
-    target_index = _target(headers, target, dockerfile)
+    """Plan the stages ``target`` needs; ``base_configs`` maps each of their FROM images (see
+    :func:`base_images`) to its image config."""
+    parsed = _parse(dockerfile, build_args, auto_args)
+    target_index = _target(parsed, target)
+    static = _static_deps(parsed)
+    planner = _Planner(parsed, base_configs, build_args)
+    todo = _closure([target_index], static)
+    while todo:  # ONBUILD triggers of base images can make more stages needed
+        for index in sorted(todo):
+            planner.plan(index)
+        wanted = {dep for stage in planner.stages.values() for dep in stage.needs}
+        todo = _closure(wanted, static) - planner.stages.keys()
+    stages = tuple(planner.stages.get(i) or _unbuilt(i, h) for i, h in enumerate(parsed.headers))
     order = _order(stages, target_index)
-    unused = tuple(sorted(name for name in build_args if name not in used and name not in PROXY_ARGS))
+    exempt = PROXY_ARGS | auto_args.keys() | {"SOURCE_DATE_EPOCH"}
+    unused = sorted(set(build_args) - planner.declared - parsed.declared - exempt)
     images = [s.base_image for s in stages if s.index in order and s.base_image]
-    images += [
-        step.from_image
-        for s in stages
-        if s.index in order
-        for step in s.steps
-        if isinstance(step, CopyStep) and step.from_image
-    ]
-    return Plan(tuple(stages), target_index, order, unused, tuple(dict.fromkeys(images)))
+    for stage in (stages[i] for i in order):
+        for step in stage.steps:
+            images += [step.from_image] if isinstance(step, CopyStep) and step.from_image else []
+            images += [m.from_image for m in step.mounts if m.from_image] if isinstance(step, RunStep) else []
+    warnings = _warnings(dockerfile, planner.warnings)
+    return Plan(stages, target_index, order, tuple(unused), tuple(dict.fromkeys(images)), warnings)
 
 
-def _stage_bodies(dockerfile: Dockerfile) -> list[list[Instruction]]:
-    bodies: list[list[Instruction]] = []
-    for ins in dockerfile.instructions:
-        if ins.keyword == "FROM":
-            bodies.append([])
-        elif bodies:
-            bodies[-1].append(ins)
-    return bodies
-
-
-def _target(headers: Sequence[_From], target: str | None, dockerfile: Dockerfile) -> int:
-    if target is None:
-        return len(headers) - 1
-    for index, header in enumerate(headers):
-        if header.name == target.lower():
-            return index
-    known = ", ".join(h.name for h in headers if h.name) or "none are named"
-    raise DockerfileError(
-        f"--target {target!r} names no stage (stages: {known})", filename=dockerfile.filename
+def _unbuilt(index: int, header: _Header) -> Stage:
+    base = None if header.image == "scratch" or header.base_stage is not None else header.image
+    cmd = header.cmd
+    return Stage(
+        index, cmd.name, base, header.base_stage, (), {}, None, cmd.ins.line, header.platform, built=False
     )
 
 
-def _order(stages: Sequence[Stage], target: int) -> tuple[int, ...]:
+def _order(stages: tuple[Stage, ...], target: int) -> tuple[int, ...]:
     seen: list[int] = []
 
     def visit(index: int) -> None:
-        if index in seen:
-            return
-        for dep in stages[index].needs:
-            visit(dep)
-        seen.append(index)
+        if index not in seen:
+            for dep in stages[index].needs:
+                visit(dep)
+            seen.append(index)
 
     visit(target)
     return tuple(seen)
 
 
-def _expand(
-    word: str, scope: Mapping[str, str], ins: Instruction, dockerfile: Dockerfile, used: set[str]
-) -> str:
-    try:
-        result = expand_word(word, scope, escape=dockerfile.escape)
-    except ExpansionError as exc:
-        raise DockerfileError(str(exc), filename=dockerfile.filename, line=ins.line) from exc
-    used.update(result.used)
-    return result.text
-
-
-def _split_words(text: str, escape: str) -> list[str]:
-    """Split on unquoted white space, keeping quotes and escapes for the later expansion."""
-    words: list[str] = []
-    word: list[str] = []
-    quote = ""
-    chars = iter(text)
-    for char in chars:
-        if char == escape and quote != "'":
-            word.append(char)
-            word.append(next(chars, ""))
-        elif quote:
-            word.append(char)
-            if char == quote:
-                quote = ""
-        elif char in "'\"":
-            quote = char
-            word.append(char)
-        elif char.isspace():
-            if word:
-                words.append("".join(word))
-                word = []
-        else:
-            word.append(char)
-    if word:
-        words.append("".join(word))
-    return words
-
-
-def _arg_pairs(
-    ins: Instruction, dockerfile: Dockerfile, scope: Mapping[str, str]
-) -> list[tuple[str, str | None]]:
-    """ARG name[=default] ...; defaults are expanded in the scope so far."""
-    pairs: list[tuple[str, str | None]] = []
-    words = _split_words(ins.args, dockerfile.escape)
-    if not words:
+def _warnings(df: Dockerfile, found: list[tuple[int, str, str]]) -> tuple[str, ...]:
+    """Warnings as "file:line: message (Rule)", filtered and enforced by ``# check=``."""
+    empty = "empty continuation line; a future BuildKit rejects these"
+    found = [(line, "NoEmptyContinuation", empty) for line in df.empty_continuations] + found
+    skip: set[str] = set()
+    error = False
+    for part in (df.directive("check") or "").split(";"):
+        key, _, setting = part.partition("=")
+        if key.strip() == "skip":
+            skip |= {rule.strip() for rule in setting.split(",")}
+        elif key.strip() == "error":
+            error = setting.strip().lower() in ("1", "t", "true")
+    kept = [item for item in found if "all" not in skip and item[1] not in skip]
+    if error and kept:
+        line, rule, message = kept[0]
         raise DockerfileError(
-            "ARG requires a name (ARG name[=default])", filename=dockerfile.filename, line=ins.line
+            f"{message} ({rule}; the check directive makes warnings errors).", filename=df.filename, line=line
         )
-    for word in words:
-        name, eq, default = word.partition("=")
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise DockerfileError(f"invalid ARG name {name!r}", filename=dockerfile.filename, line=ins.line)
-        pairs.append((name, _expand(default, scope, ins, dockerfile, set()) if eq else None))
-    return pairs
+    return tuple(f"{df.filename}:{line}: {message} ({rule})" for line, rule, message in sorted(kept))
 
 
-def _key_values(ins: Instruction, dockerfile: Dockerfile) -> list[tuple[str, str]]:
-    """ENV and LABEL arguments: ``k=v ...`` or the legacy ``k v`` form, unexpanded."""
-    words = _split_words(ins.args, dockerfile.escape)
-    if not words:
-        raise DockerfileError(
-            f"{ins.keyword} requires at least one argument",
-            filename=dockerfile.filename,
-            line=ins.line,
-        )
-    if "=" not in words[0]:
-        if len(words) < 2:
+class _Planner:
+    """Plans stages one by one; remembers each planned stage's result and variables."""
+
+    def __init__(
+        self, parsed: _Parsed, base_configs: Mapping[str, Json], build_args: Mapping[str, str]
+    ) -> None:
+        self.parsed = parsed
+        self.base_configs = base_configs
+        self.build_args = build_args
+        self.stages: dict[int, Stage] = {}
+        self.variables: dict[int, dict[str, str]] = {}
+        self.declared: set[str] = set()
+        self.warnings: list[tuple[int, str, str]] = []
+
+    def plan(self, index: int) -> None:
+        header = self.parsed.headers[index]
+        state = _StageState(self, index)
+        triggers = state.start(header)
+        for text in triggers:
+            state.dispatch(self.trigger(text, header))
+        for cmd in self.parsed.bodies[index]:
+            state.dispatch(cmd)
+        stage = dataclasses.replace(_unbuilt(index, header), steps=tuple(state.steps), built=True)
+        self.stages[index] = dataclasses.replace(stage, config=state.config, author=state.author)
+        self.variables[index] = state.vars
+
+    def trigger(self, text: str, header: _Header) -> Command:
+        """An ONBUILD trigger of the base, parsed as if it were written on the FROM line."""
+        df = self.parsed.dockerfile
+        line = header.cmd.ins.line
+        try:
+            triggered = parse_dockerfile(text, df.filename)
+            if len(triggered.instructions) != 1:
+                raise DockerfileError("a trigger is a single instruction.")
+            ins = dataclasses.replace(triggered.instructions[0], line=line, end_line=line)
+            cmd = parse_command(ins, triggered)
+            if ins.keyword in ("FROM", "ONBUILD", "MAINTAINER"):
+                raise DockerfileError(f"ONBUILD cannot trigger {ins.keyword}.")
+        except DockerfileError as exc:
             raise DockerfileError(
-                f"{ins.keyword} {words[0]} needs a value ({ins.keyword} key=value)",
-                filename=dockerfile.filename,
-                line=ins.line,
-            )
-        return [(words[0], ins.args.split(None, 1)[1])]
-    pairs = []
-    for word in words:
-        key, eq, value = word.partition("=")
-        if not eq or not key:
-            raise DockerfileError(
-                f"{ins.keyword} arguments must be key=value pairs, got {word!r}",
-                filename=dockerfile.filename,
-                line=ins.line,
-            )
-        pairs.append((key, value))
-    return pairs
+                f"the base image's ONBUILD trigger {text!r} is invalid: {exc.reason}",
+                filename=df.filename,
+                line=line,
+            ) from exc
+        return cmd
 
 
 @dataclass
 class _StageState:
     """The running state of one stage while its instructions are dispatched."""
 
-    dockerfile: Dockerfile
-    headers: Sequence[_From]
+    planner: _Planner
     index: int
-    config: Json
-    global_scope: Mapping[str, str]
-    build_args: Mapping[str, str]
-    auto_args: Mapping[str, str]
-    used: set[str]
-    args: dict[str, str] = field(default_factory=dict)
+    config: Json = field(default_factory=dict)
+    vars: dict[str, str] = field(default_factory=dict)  # ENV and ARGs: what words expand in
     steps: list[Step] = field(default_factory=list)
     author: str | None = None
     cmd_set: bool = False
 
-    def error(self, ins: Instruction, message: str) -> DockerfileError:
-        return DockerfileError(message, filename=self.dockerfile.filename, line=ins.line)
+    @property
+    def df(self) -> Dockerfile:
+        return self.planner.parsed.dockerfile
+
+    def error(self, cmd: Command, message: str) -> DockerfileError:
+        return DockerfileError(message, filename=self.df.filename, line=cmd.ins.line)
+
+    def start(self, header: _Header) -> list[str]:
+        """Take the base's config and variables; return the base's ONBUILD triggers."""
+        if header.base_stage is not None:
+            base = self.planner.stages[header.base_stage]
+            self.config = copy.deepcopy(base.config)
+            self.vars = dict(self.planner.variables[header.base_stage])
+            self.author = base.author
+        elif header.image != "scratch":
+            if header.image not in self.planner.base_configs:
+                raise BuilderError(f"the plan was given no config for the base image {header.image}.")
+            self.config = copy.deepcopy(self.planner.base_configs[header.image].get("config") or {})
+        triggers: list[str] = self.config.pop("OnBuild", None) or []
+        env: list[str] = self.config.get("Env") or []
+        if not any(item.partition("=")[0] == "PATH" for item in env):
+            self.config["Env"] = [*env, f"PATH={DEFAULT_PATH}"]
+        if header.base_stage is None:
+            self.vars = dict(item.partition("=")[::2] for item in self.config["Env"])
+        return triggers
+
+    def expand(self, cmd: Command, word: str) -> str:
+        return _expand(self.df, cmd.ins.line, word, self.vars)[0]
+
+    def checked(self, cmd: Command, check: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return _checked(self.df, cmd.ins.line, check, *args, **kwargs)
 
     @property
-    def env(self) -> dict[str, str]:
-        pairs = (item.partition("=") for item in self.config.get("Env") or [])
-        return {key: value for key, _, value in pairs}
-
-    @property
-    def scope(self) -> dict[str, str]:
-        """What expansion sees: ARGs in scope, overridden by ENV of the same name."""
-        return {**self.args, **self.env}
-
-    def expand(self, ins: Instruction, word: str) -> str:
-        return _expand(word, self.scope, ins, self.dockerfile, self.used)
-
-    def expand_list(self, ins: Instruction, text: str) -> list[str]:
-        try:
-            words, names = expand_words(text, self.scope, escape=self.dockerfile.escape)
-        except ExpansionError as exc:
-            raise self.error(ins, str(exc)) from exc
-        self.used.update(names)
-        return words
-
-    @property
-    def shell(self) -> tuple[str, ...]:
-        return tuple(self.config.get("Shell") or DEFAULT_SHELL)
+    def shell(self) -> list[str]:
+        return list(self.config.get("Shell") or DEFAULT_SHELL)
 
     @property
     def workdir(self) -> str:
         return str(self.config.get("WorkingDir") or "/")
 
-    def meta(self, ins: Instruction, created_by: str | None = None) -> None:
-        self.steps.append(ConfigStep(ins.line, created_by or ins.source))
+    def meta(self, cmd: Command, created_by: str | None = None) -> None:
+        self.steps.append(ConfigStep(cmd.ins.line, created_by or cmd.ins.source))
 
-    def dispatch(self, ins: Instruction) -> None:
-        handler: Callable[[Instruction], None] = getattr(self, f"do_{ins.keyword.lower()}")
-        handler(ins)
+    def dispatch(self, cmd: Command) -> None:
+        handler: Callable[[Any], None] = getattr(self, f"do_{cmd.keyword.lower()}")
+        handler(cmd)
 
-    def do_arg(self, ins: Instruction) -> None:
-        for name, default in _arg_pairs(ins, self.dockerfile, self.scope):
-            self.used.add(name)
-            if name in self.build_args:
-                self.args[name] = self.build_args[name]
+    def do_arg(self, cmd: ArgCommand) -> None:
+        build_args = self.planner.build_args
+        for name, default in cmd.pairs:
+            self.planner.declared.add(name)
+            if name in build_args:
+                value: str | None = build_args[name]
             elif default is not None:
-                self.args[name] = default
-            elif name in self.global_scope:
-                self.args[name] = self.global_scope[name]
-            elif name in self.auto_args:
-                self.args[name] = self.auto_args[name]
-        self.meta(ins)
-
-    def do_env(self, ins: Instruction) -> None:
-        env = self.env
-        for key, value in _key_values(ins, self.dockerfile):
-            env[self.expand(ins, key)] = self.expand(ins, value)
-            self.config["Env"] = [f"{k}={v}" for k, v in env.items()]
-        self.meta(ins)
-
-    def do_label(self, ins: Instruction) -> None:
-        labels = dict(self.config.get("Labels") or {})
-        for key, value in _key_values(ins, self.dockerfile):
-            labels[self.expand(ins, key)] = self.expand(ins, value)
-        self.config["Labels"] = labels
-        self.meta(ins)
-
-    def do_maintainer(self, ins: Instruction) -> None:
-        self.author = ins.args
-        self.meta(ins)
-
-    def do_user(self, ins: Instruction) -> None:
-        user = self.expand(ins, ins.args.strip())
-        if not user:
-            raise self.error(ins, "USER requires a user name or uid (USER name[:group])")
-        self.config["User"] = user
-        self.meta(ins)
-
-    def do_workdir(self, ins: Instruction) -> None:
-        path = self.expand(ins, ins.args.strip())
-        if not path:
-            raise self.error(ins, "WORKDIR requires a path")
-        path = _join(self.workdir, path)
-        self.config["WorkingDir"] = path
-        self.steps.append(WorkdirStep(path, ins.line, f"WORKDIR {path}"))
-
-    def command(self, ins: Instruction) -> list[str]:
-        """The exec form as given, or the shell form wrapped in the stage's SHELL."""
-        if ins.exec_form is not None:
-            return list(ins.exec_form)
-        if not ins.args:
-            raise self.error(ins, f"{ins.keyword} requires a command")
-        return [*self.shell, ins.args]
-
-    def do_cmd(self, ins: Instruction) -> None:
-        self.config["Cmd"] = self.command(ins)
-        self.cmd_set = True
-        self.meta(ins)
-
-    def do_entrypoint(self, ins: Instruction) -> None:
-        self.config["Entrypoint"] = self.command(ins) if ins.args else None
-        if not self.cmd_set:
-            self.config["Cmd"] = None
-        self.meta(ins)
-
-    def do_shell(self, ins: Instruction) -> None:
-        if ins.exec_form is None or not ins.exec_form:
-            raise self.error(ins, 'SHELL requires a JSON array, for example SHELL ["/bin/bash", "-c"]')
-        self.config["Shell"] = list(ins.exec_form)
-        self.meta(ins)
-
-    def do_expose(self, ins: Instruction) -> None:
-        ports = dict(self.config.get("ExposedPorts") or {})
-        for word in self.expand_list(ins, ins.args):
-            port, _, proto = word.partition("/")
-            if not re.fullmatch(r"\d+(-\d+)?", port) or proto not in ("", "tcp", "udp", "sctp"):
-                raise self.error(ins, f"invalid port {word!r} (expected PORT[/tcp|udp|sctp])")
-            ports[f"{port}/{proto or 'tcp'}"] = {}
-        self.config["ExposedPorts"] = ports
-        self.meta(ins)
-
-    def do_volume(self, ins: Instruction) -> None:
-        volumes = dict(self.config.get("Volumes") or {})
-        paths = list(ins.exec_form) if ins.exec_form is not None else self.expand_list(ins, ins.args)
-        if not paths:
-            raise self.error(ins, "VOLUME requires at least one path")
-        for path in paths:
-            volumes[self.expand(ins, path) if ins.exec_form is not None else path] = {}
-        self.config["Volumes"] = volumes
-        self.meta(ins)
-
-    def do_stopsignal(self, ins: Instruction) -> None:
-        signal = self.expand(ins, ins.args.strip())
-        if not re.fullmatch(r"(SIG)?[A-Z0-9+-]+|\d+", signal):
-            raise self.error(ins, f"invalid STOPSIGNAL {signal!r}")
-        self.config["StopSignal"] = signal
-        self.meta(ins)
-
-    def do_onbuild(self, ins: Instruction) -> None:
-        trigger = ins.source.split(None, 1)[1] if " " in ins.source else ""
-        keyword = trigger.split(None, 1)[0].upper() if trigger else ""
-        if keyword in ("", "ONBUILD", "FROM", "MAINTAINER"):
-            raise self.error(ins, f"ONBUILD cannot trigger {keyword or 'nothing'}")
-        self.config["OnBuild"] = [*(self.config.get("OnBuild") or []), trigger]
-        self.meta(ins)
-
-    def do_healthcheck(self, ins: Instruction) -> None:
-        if ins.args.strip().upper() == "NONE" and not ins.flags:
-            self.config["Healthcheck"] = {"Test": ["NONE"]}
-            self.meta(ins)
-            return
-        keyword, _, rest = ins.args.partition(" ")
-        if keyword.upper() != "CMD" or not rest.strip():
-            raise self.error(ins, "HEALTHCHECK requires NONE or CMD followed by a command")
-        exec_form = parse_exec_form(rest.strip())
-        check: Json = {"Test": ["CMD", *exec_form] if exec_form else ["CMD-SHELL", rest.strip()]}
-        for name, value in ins.flags:
-            key = _HEALTHCHECK_FLAGS.get(name)
-            if key is None:
-                raise self.error(ins, f"unknown HEALTHCHECK flag --{name}")
-            if name == "retries":
-                if not (value or "").isdigit():
-                    raise self.error(ins, f"--retries must be a whole number, got {value!r}")
-                check[key] = int(value or "0")
+                value = self.expand(cmd, default)
             else:
-                check[key] = _duration_ns(value or "", lambda m: self.error(ins, m))
+                value = self.planner.parsed.scope.get(name)
+            if value is not None:
+                self.vars[name] = value
+        self.meta(cmd)
+
+    def pairs(self, cmd: PairsCommand) -> list[tuple[str, str]]:
+        """Every key and value expanded in the variables from before the instruction."""
+        if cmd.legacy:
+            message = f'"{cmd.keyword} key=value" should replace the legacy "{cmd.keyword} key value" form'
+            self.planner.warnings.append((cmd.ins.line, "LegacyKeyValueFormat", message))
+        return [(self.expand(cmd, key), self.expand(cmd, value)) for key, value in cmd.pairs]
+
+    def do_env(self, cmd: PairsCommand) -> None:
+        for key, value in self.pairs(cmd):
+            self.vars[key] = value
+            env = [item for item in self.config.get("Env") or []]
+            names = [item.partition("=")[0] for item in env]
+            if key in names:
+                env[names.index(key)] = f"{key}={value}"
+            else:
+                env.append(f"{key}={value}")
+            self.config["Env"] = env
+        self.meta(cmd)
+
+    def do_label(self, cmd: PairsCommand) -> None:
+        self.config["Labels"] = {**(self.config.get("Labels") or {}), **dict(self.pairs(cmd))}
+        self.meta(cmd)
+
+    def do_maintainer(self, cmd: ValueCommand) -> None:
+        self.author = cmd.value
+        self.planner.warnings.append(
+            (cmd.ins.line, "MaintainerDeprecated", "MAINTAINER is deprecated; use a LABEL")
+        )
+        self.meta(cmd)
+
+    def do_user(self, cmd: ValueCommand) -> None:
+        user = self.expand(cmd, cmd.value)
+        if user:
+            self.config["User"] = user
+        else:
+            self.config.pop("User", None)
+        self.meta(cmd)
+
+    def do_workdir(self, cmd: ValueCommand) -> None:
+        value = self.expand(cmd, cmd.value)
+        if not value:
+            raise self.error(cmd, f"WORKDIR {cmd.value} expands to an empty path.")
+        path = _clean(posixpath.join(self.workdir, value))
+        self.config["WorkingDir"] = path
+        if path == "/":
+            self.meta(cmd, "WORKDIR /")
+        else:
+            self.steps.append(
+                WorkdirStep(path, cmd.ins.line, f"WORKDIR {path}", str(self.config.get("User") or ""))
+            )
+
+    def command(self, cmd: ExecCommand) -> list[str]:
+        return [*self.shell, cmd.command[0]] if cmd.shell_form else list(cmd.command)
+
+    def do_cmd(self, cmd: ExecCommand) -> None:
+        _set(self.config, "Cmd", self.command(cmd) or None)
+        self.cmd_set = True
+        self.meta(cmd)
+
+    def do_entrypoint(self, cmd: ExecCommand) -> None:
+        argv = self.command(cmd)
+        _set(self.config, "Entrypoint", argv or None)
+        if not self.cmd_set:
+            self.config.pop("Cmd", None)
+        self.meta(cmd)
+
+    def do_shell(self, cmd: ExecCommand) -> None:
+        self.config["Shell"] = list(cmd.command)
+        self.meta(cmd)
+
+    def do_expose(self, cmd: ListCommand) -> None:
+        ports = dict(self.config.get("ExposedPorts") or {})
+        for value in cmd.values:
+            try:
+                words = expand_words(value, self.vars, escape=self.df.escape)[0]
+            except ExpansionError as exc:
+                raise self.error(cmd, str(exc)) from exc
+            for word in words:
+                ports |= {key: {} for key in self.checked(cmd, parse_ports, word)}
+        self.config["ExposedPorts"] = ports
+        self.meta(cmd)
+
+    def do_volume(self, cmd: ListCommand) -> None:
+        volumes = dict(self.config.get("Volumes") or {})
+        for value in cmd.values:
+            path = self.expand(cmd, value)
+            if not path:
+                raise self.error(cmd, f"VOLUME {value} expands to an empty path.")
+            volumes[path] = {}
+        self.config["Volumes"] = volumes
+        self.meta(cmd)
+
+    def do_stopsignal(self, cmd: ValueCommand) -> None:
+        signal = self.expand(cmd, cmd.value)
+        self.checked(cmd, check_signal, signal)
+        self.config["StopSignal"] = signal
+        self.meta(cmd)
+
+    def do_healthcheck(self, cmd: HealthcheckCommand) -> None:
+        check: Json = {"Test": list(cmd.test), **dict(cmd.durations)}
+        if cmd.retries:
+            check["Retries"] = cmd.retries
         self.config["Healthcheck"] = check
-        self.meta(ins)
+        self.meta(cmd)
+
+    def do_onbuild(self, cmd: OnbuildCommand) -> None:
+        self.config["OnBuild"] = [*(self.config.get("OnBuild") or []), cmd.expression]
+        self.meta(cmd)
 
     def run_env(self) -> tuple[tuple[str, str], ...]:
-        """The environment of a RUN: the image ENV, ARGs in scope, proxies, a default PATH."""
-        env = {name: value for name, value in self.build_args.items() if name in PROXY_ARGS}
-        env |= self.args
-        env |= self.env
-        env.setdefault("PATH", DEFAULT_PATH)
+        """What RUN sees: the stage's variables, and the proxies passed as build args."""
+        env = dict(self.vars)
+        for name, value in self.planner.build_args.items():
+            if name.upper() in _PROXIES:
+                env.setdefault(name.upper(), value)
+                env.setdefault(name.lower(), value)
         return tuple(sorted(env.items()))
 
-    def do_run(self, ins: Instruction) -> None:
-        network = ins.flag("network") or "default"
-        if network not in ("default", "none", "host"):
-            raise self.error(ins, f"RUN --network={network} is not supported (default, none or host)")
-        if ins.heredocs:
-            argv = [*self.shell, _heredoc_script(ins.args, ins.heredocs)]
-        else:
-            argv = self.command(ins)
-        user = str(self.config.get("User") or "")
-        created_by = f"RUN {' '.join(argv) if ins.exec_form is None else ins.args}"
-        self.steps.append(
-            RunStep(tuple(argv), self.run_env(), user, self.workdir, network, ins.line, created_by)
-        )
-
-    def do_copy(self, ins: Instruction) -> None:
-        self.copy(ins)
-
-    def do_add(self, ins: Instruction) -> None:
-        self.copy(ins)
-
-    def copy(self, ins: Instruction) -> None:
-        if ins.exec_form is not None:
-            words = [self.expand(ins, word) for word in ins.exec_form]
-        else:
-            words = self.expand_list(ins, ins.args)
-        names = {doc.name for doc in ins.heredocs}
-        inline = tuple(
-            (
-                doc.name,
-                self.expand(ins, doc.content) if doc.expand and ins.keyword == "COPY" else doc.content,
+    def do_run(self, cmd: RunCommand) -> None:
+        files: tuple[tuple[str, str], ...] = ()
+        argv = self.command(cmd)
+        if cmd.ins.heredocs:
+            argv, files = self.heredoc_script(cmd)
+        mounts: list[Mount] = []
+        for spec in cmd.mounts:
+            ssh = sum(m.type == "ssh" for m in mounts)
+            mounts.append(
+                self.checked(
+                    cmd, parse_mount, spec, lambda w: self.expand(cmd, w), **self.mount_context(cmd, ssh)
+                )
             )
-            for doc in ins.heredocs
+        created_by = f"RUN {' '.join(argv) if cmd.shell_form else cmd.ins.args}"
+        user = str(self.config.get("User") or "")
+        step = RunStep(tuple(argv), self.run_env(), user, self.workdir, cmd.network, cmd.ins.line, created_by)
+        self.steps.append(dataclasses.replace(step, mounts=tuple(mounts), security=cmd.security, files=files))
+
+    def mount_context(self, cmd: RunCommand, ssh: int) -> dict[str, Any]:
+        def resolve(ref: str) -> tuple[int | None, str | None]:
+            return _stage_ref(self.planner.parsed, self.index, cmd.ins.line, ref, by_number=False)
+
+        return {"workdir": self.workdir, "ssh_index": ssh, "resolve_from": resolve}
+
+    def heredoc_script(self, cmd: RunCommand) -> tuple[list[str], tuple[tuple[str, str], ...]]:
+        """A RUN whose command is one heredoc runs its body (from a file when it has a #! line);
+        otherwise the command and the heredocs go to the shell as one script."""
+        docs = cmd.ins.heredocs
+        if parse_heredoc_word(cmd.command[0]) is not None:
+            body = docs[0].text
+            if body.startswith("#!"):
+                path = f"/dev/pipes/{docs[0].name}"
+                return [*self.shell, path], ((path, body),)
+            return [*self.shell, body], ()
+        return [*self.shell, cmd.command[0] + "".join(f"\n{doc.content}{doc.name}" for doc in docs)], ()
+
+    def do_copy(self, cmd: CopyCommand) -> None:
+        flags = cmd.flags
+        raw_dest = self.expand(cmd, cmd.dest)
+        dest = _clean(posixpath.join(self.workdir, raw_dest))
+        if (raw_dest.endswith("/") or raw_dest in ("", ".")) and dest != "/":
+            dest += "/"
+        chmod = self.expand(cmd, flags["chmod"]) if flags.get("chmod") else None
+        if chmod:
+            self.checked(cmd, check_chmod, chmod)
+        from_stage, from_image = (
+            _copy_ref(self.planner.parsed, self.index, cmd) if cmd.keyword == "COPY" else (None, None)
         )
-        words = [w for w in words if not (w.startswith("<<") and w.lstrip("<-").strip("'\"") in names)]
-        if len(words) + len(inline) < 2:
-            raise self.error(ins, f"{ins.keyword} requires at least one source and a destination")
-        *sources, dest = words
-        from_stage, from_image = self.copy_from(ins)
-        dest = _join(self.workdir, dest) + ("/" if dest.endswith("/") and dest != "/" else "")
-        chown = ins.flag("chown")
+        sources = tuple(self.expand(cmd, source) for source in cmd.sources)
+        inline = tuple(
+            (doc.name, self.expand_heredoc(cmd, doc.text) if doc.expand else doc.text) for doc in cmd.contents
+        )
+        chown = self.expand(cmd, flags.get("chown", "")) or None
         step = CopyStep(
-            tuple(sources),
-            dest,
-            from_stage,
-            from_image,
-            self.expand(ins, chown) if chown else None,
-            ins.flag("chmod"),
-            inline,
-            ins.line,
-            f"{ins.keyword} {ins.args}",
+            sources, dest, from_stage, from_image, chown, chmod, inline, cmd.ins.line, cmd.ins.source
         )
-        self.steps.append(step)
+        self.steps.append(dataclasses.replace(step, **self.copy_options(cmd, sources)))
 
-    def copy_from(self, ins: Instruction) -> tuple[int | None, str | None]:
-        ref = ins.flag("from")
-        if ref is None:
-            return None, None
-        ref = self.expand(ins, ref)
-        stage = _stage_index(self.headers, ref, self.index)
-        if stage is not None:
-            return stage, None
-        if ref.isdigit():
-            raise self.error(ins, f"--from={ref} names stage {ref}, which does not come before this one")
-        return None, ref
+    def do_add(self, cmd: CopyCommand) -> None:
+        self.do_copy(cmd)
+
+    def copy_options(self, cmd: CopyCommand, sources: tuple[str, ...]) -> dict[str, Any]:
+        flags = cmd.flags
+        options: dict[str, Any] = {
+            "add": cmd.keyword == "ADD",
+            "link": flags.get("link", False),
+            "parents": flags.get("parents", False),
+            "exclude": tuple(self.expand(cmd, pattern) for pattern in flags.get("exclude", [])),
+            "keep_git_dir": flags.get("keep-git-dir", False),
+            "unpack": flags.get("unpack"),
+        }
+        if flags.get("checksum"):
+            options["checksum"] = self.expand(cmd, flags["checksum"])
+            self.checked(cmd, _check_checksum, options["checksum"], sources)
+        return options
+
+    def expand_heredoc(self, cmd: CopyCommand, text: str) -> str:
+        """BuildKit expands a COPY/ADD heredoc body with quotes kept as they are and backslash
+        escapes applied, whatever the escape directive says."""
+        protected = re.sub(r"\\.|['\"]", lambda m: m[0] if len(m[0]) == 2 else "\\" + m[0], text, flags=re.S)
+        try:
+            return expand_word(protected, self.vars, escape="\\").text
+        except ExpansionError as exc:
+            raise self.error(cmd, str(exc)) from exc
 
 
-def _heredoc_script(args: str, heredocs: Sequence[Heredoc]) -> str:
-    """A RUN with heredocs as one shell script: a lone heredoc is the script itself."""
-    if len(heredocs) == 1 and _WORD.fullmatch(args.strip()) and args.strip().startswith("<<"):
-        return heredocs[0].content
-    return args + "\n" + "".join(f"{doc.content}{doc.name}\n" for doc in heredocs)
+def _check_checksum(checksum: str, sources: tuple[str, ...]) -> None:
+    if len(sources) != 1:
+        raise InvalidValue("ADD --checksum needs exactly one source, a URL or a Git repository.")
+    source = sources[0]
+    git = source.startswith(("git@", "git://", "ssh://")) or source.split("#")[0].endswith(".git")
+    if git:
+        if not re.fullmatch(r"[0-9a-f]{1,64}", checksum):
+            raise InvalidValue(
+                f"ADD --checksum={checksum}: for Git, give a commit hash (or a prefix of one)."
+            )
+    elif not source.startswith(("http://", "https://")):
+        raise InvalidValue("ADD --checksum only applies to a URL or a Git repository.")
+    elif not re.fullmatch(r"sha256:[0-9a-f]{64}|sha384:[0-9a-f]{96}|sha512:[0-9a-f]{128}", checksum):
+        raise InvalidValue(f"ADD --checksum={checksum}: for a URL, give sha256:<64 hex digits>.")
 
 
-def _join(workdir: str, path: str) -> str:
-    """Resolve ``path`` against the working directory, lexically, as BuildKit does."""
-    joined = posixpath.normpath(posixpath.join(workdir, path))
-    return "/" + joined.lstrip("/")
+def _set(config: Json, key: str, value: Any) -> None:
+    """Set a config key; None removes it, as Go's omitempty leaves it out."""
+    if value is None:
+        config.pop(key, None)
+    else:
+        config[key] = value
 
 
-def _duration_ns(text: str, error: Callable[[str], DockerfileError]) -> int:
-    """A Go duration (``30s``, ``1m30s``, ``500ms``) in nanoseconds."""
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise error(f"invalid duration {text!r} (expected a Go duration such as 30s or 1m30s)")
-    return int(sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts))
+def _clean(path: str) -> str:
+    """An absolute path, cleaned lexically as Go's path.Clean does."""
+    return "/" + posixpath.normpath(path).lstrip("/")

@@ -12,10 +12,8 @@ Standard library only (http.client): nothing here needs more than HTTP/1.1 and T
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
-import os
 import re
 import ssl
 import threading
@@ -26,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
 
+from builder.credentials import DOCKER_HUB, Credentials, docker_config_path, load_credentials
 from builder.digest import is_digest, sha256_digest
 from builder.errors import RegistryError
 from builder.oci import (
@@ -36,14 +35,7 @@ from builder.oci import (
 )
 from builder.store import Store
 
-__all__ = [
-    "Credentials",
-    "Manifest",
-    "RegistryClient",
-    "RegistryOptions",
-    "docker_config_path",
-    "load_credentials",
-]
+__all__ = ["Manifest", "RegistryClient", "RegistryOptions"]
 
 T = TypeVar("T")
 Json = dict[str, Any]
@@ -54,60 +46,14 @@ MANIFEST_TYPES = (
     DOCKER_MANIFEST_MEDIA_TYPE,
     DOCKER_MANIFEST_LIST_MEDIA_TYPE,
 )
-DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
-_DOCKER_HUB_KEYS = ("docker.io", "index.docker.io", "registry-1.docker.io")
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 BACKOFF = (0.5, 1.0, 2.0, 4.0)  # seconds before each retry
 CHUNK_SIZE = 64 << 20  # blobs above this are uploaded in chunks of this size
+USER_AGENT = "builder/0.1 (Python http.client)"
 _MAX_MANIFEST = 4 << 20  # the distribution spec's suggested limit
 _READ = 1 << 20
 _CHALLENGE_PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^\s,]+))')
-
-
-@dataclass(frozen=True)
-class Credentials:
-    username: str
-    password: str
-
-    def basic(self) -> str:
-        return "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
-
-
-def docker_config_path() -> Path:
-    """``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``."""
-    base = os.environ.get("DOCKER_CONFIG")
-    return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
-
-
-def _config_host(key: str) -> str:
-    """``https://index.docker.io/v1/`` → ``index.docker.io``; ``host:5000`` stays."""
-    return urllib.parse.urlsplit(key if "://" in key else f"//{key}").netloc or key
-
-
-def load_credentials(registry: str, path: Path | None = None) -> Credentials | None:
-    """The login for ``registry`` in a Docker config file (``auths``), if there is one."""
-    path = path or docker_config_path()
-    try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise RegistryError(f"cannot read the credentials in {path}: {exc}.") from exc
-    wanted = _DOCKER_HUB_KEYS if registry == DOCKER_HUB else (registry,)
-    auths = document.get("auths") if isinstance(document, dict) else None
-    for key, entry in (auths or {}).items():
-        if _config_host(key) not in wanted or not isinstance(entry, dict):
-            continue
-        if entry.get("username") and entry.get("password"):
-            return Credentials(str(entry["username"]), str(entry["password"]))
-        try:
-            user, sep, password = base64.b64decode(str(entry.get("auth", ""))).decode().partition(":")
-        except ValueError as exc:
-            raise RegistryError(f"the auth entry for {key} in {path} is not base64 user:password.") from exc
-        if sep:
-            return Credentials(user, password)
-    return None
 
 
 @dataclass(frozen=True)
@@ -197,7 +143,8 @@ class RegistryClient:
         # Safe to share between threads: each has its own connections; the token is locked.
         self._local = threading.local()
         self._connections: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the connections list
+        self._auth_lock = threading.Lock()  # the token and the wanted scopes
         self._token = _Token()
         actions = "pull,push" if push else "pull"
         self._wanted = {f"repository:{repository}:{actions}"}
@@ -238,7 +185,7 @@ class RegistryClient:
 
     def mount_blob(self, digest: str, source: str) -> bool:
         """Mount a blob from another repository of this registry; False when it was not mounted."""
-        with self._lock:
+        with self._auth_lock:
             self._wanted.add(f"repository:{source}:pull")
         return self._retrying(f"mount of blob {digest}", lambda: self._mount_blob(digest, source))
 
@@ -395,7 +342,7 @@ class RegistryClient:
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         connection = self._connection(parts.scheme, parts.netloc)
         try:
-            connection.request(method, target, body=body, headers=headers)
+            connection.request(method, target, body=body, headers={"User-Agent": USER_AGENT, **headers})
             response = connection.getresponse()
         except ssl.SSLError as exc:
             connection.close()
@@ -433,7 +380,7 @@ class RegistryClient:
             return response
         challenge = response.getheader("WWW-Authenticate") or ""
         _drain(response)
-        with self._lock:
+        with self._auth_lock:
             if not self._authenticate(challenge, used):
                 return response
         if body is not None and not isinstance(body, bytes):
@@ -460,6 +407,11 @@ class RegistryClient:
         if response.status in ok:
             return
         detail = _error_detail(response)
+        if response.status == 401 and self.credentials is None:
+            raise RegistryError(
+                f"auth refused: {self.registry} requires a login for the {what} on {self.name}; "
+                f"add one to {docker_config_path()} (docker login writes it)."
+            )
         if response.status == 401:
             raise RegistryError(
                 f"auth refused: {self.registry} did not accept the credentials for {what} "

@@ -57,6 +57,13 @@ MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 1024, 2048, 4096, 16384
 MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 1 << 18, 1 << 21, 1 << 24
 MNT_DETACH = 2
 PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
+_CAPABILITY_VERSION_3 = 0x20080522
+# What a step keeps, as under Docker and BuildKit: CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL,
+# SETGID, SETUID, SETPCAP, NET_BIND_SERVICE, NET_RAW, SYS_CHROOT, MKNOD, AUDIT_WRITE, SETFCAP.
+# Without SYS_ADMIN a step cannot mount, nor unmount the read-only /proc/sys to write kernel
+# knobs; without NET_ADMIN it cannot reconfigure the host network it shares.
+_KEPT_CAPABILITIES = frozenset({0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31})
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 # glibc has no pivot_root() wrapper; the syscall number is per architecture.
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
@@ -370,6 +377,7 @@ def _enter_root(spec: SandboxSpec, points: _MountPoints, etc_files: dict[str, st
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     # pivot_root needs the new root to be a mount point; a bind onto itself makes sure it is.
     _mount(spec.root, spec.root, None, MS_BIND | MS_REC)
+    _remount(spec.root, MS_NODEV)  # a step may mknod (as under Docker), never open a host device
     _mount("proc", points.proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     for name in ("sys", "sysrq-trigger"):  # kernel-wide knobs stay read-only, as in Docker
         path = os.path.join(points.proc, name)
@@ -385,7 +393,8 @@ def _enter_root(spec: SandboxSpec, points: _MountPoints, etc_files: dict[str, st
 
 
 def _mount_dev(dev: str) -> None:
-    _mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_STRICTATIME, "mode=755,size=65536k")
+    # nodev: the host devices bound below still open (a bind keeps its source's flags)
+    _mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NODEV | MS_STRICTATIME, "mode=755,size=65536k")
     for name in _DEVICES:
         node = os.path.join(dev, name)
         os.close(os.open(node, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
@@ -416,6 +425,7 @@ def _exec_command(spec: SandboxSpec) -> NoReturn:
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
+    _drop_capabilities()
     os.setgroups(list(spec.groups))
     os.setgid(spec.gid)
     os.setuid(spec.uid)
@@ -425,6 +435,24 @@ def _exec_command(spec: SandboxSpec) -> NoReturn:
     except OSError as e:
         raise _SetupError(f"cannot enter the working directory {spec.cwd}: {e.strerror}.") from e
     _exec(spec.argv, dict(spec.env))
+
+
+def _drop_capabilities() -> None:
+    """Limit what the command can ever hold to _KEPT_CAPABILITIES: bounding, inheritable and
+    ambient sets (exec gives root the bounding set, plus the inheritable one)."""
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        if cap not in _KEPT_CAPABILITIES:
+            _libc_check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"cannot drop capability {cap}")
+    _libc_check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "cannot clear capabilities")
+    header = (ctypes.c_uint32 * 2)(_CAPABILITY_VERSION_3, 0)
+    sets = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable: bits 0-31, then 32-63
+    _libc_check(_libc.capget(header, sets), "cannot read the capabilities")
+    kept = sum(1 << cap for cap in _KEPT_CAPABILITIES)
+    sets[2] &= kept & 0xFFFFFFFF
+    sets[5] &= kept >> 32
+    _libc_check(_libc.capset(header, sets), "cannot set the capabilities")
 
 
 def _exec(argv: tuple[str, ...], env: dict[str, str]) -> NoReturn:
@@ -617,9 +645,14 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
 def _bind(source: str, target: str, *, readonly: bool) -> None:
     _mount(source, target, None, MS_BIND | MS_REC)
     if readonly:  # MS_RDONLY is ignored on the first call; a bind goes read-only by a remount
-        locked = os.statvfs(target).f_flag
-        kept = sum(ms for st, ms in _LOCKED_FLAGS.items() if locked & st)
-        _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | kept)
+        _remount(target, MS_RDONLY)
+
+
+def _remount(target: str, flags: int) -> None:
+    """Add ``flags`` to a bind mount, repeating those the kernel locks on it."""
+    locked = os.statvfs(target).f_flag
+    kept = sum(ms for st, ms in _LOCKED_FLAGS.items() if locked & st)
+    _mount(None, target, None, MS_BIND | MS_REMOUNT | flags | kept)
 
 
 def _prctl_pdeathsig(signum: int) -> None:

@@ -95,17 +95,20 @@ class Snapshotter:
         """The lowerdir name of a snapshot, relative to the store root."""
         return self._link(digest_hex(diff_id)[:_SHORT], self.path(diff_id))
 
-    def ensure(self, diff_id: str) -> Path:
-        """The snapshot of ``diff_id``, unpacked from a stored blob if it is not there yet."""
+    def ensure(self, diff_id: str, workdir: Path) -> Path:
+        """The snapshot of ``diff_id``, unpacked from a stored blob if it is not there yet.
+        It is unpacked in ``workdir`` (a build's, which the next build removes if this one dies)
+        and renamed into place."""
         target = self.path(diff_id)
         if target.is_dir():
             return target
         blobs = self.store.layer_blobs(diff_id)
         if not blobs:
             raise StoreError(f"no stored blob holds layer {diff_id}; pull or load its image again.")
-        staging = Path(tempfile.mkdtemp(dir=self.root / "snapshots", prefix=".unpack-"))
-        staging.chmod(0o755)  # the image's root directory: mkdtemp's 0700 would lock out users
+        staging = workdir / f"unpack-{digest_hex(diff_id)}"
         try:
+            staging.mkdir(0o755)  # the image's root directory, whatever the umask
+            staging.chmod(0o755)
             with self.store.blob_path(str(blobs[0]["digest"])).open("rb") as blob:
                 reader = _HashingReader(open_layer(blob))
                 apply_layer(reader, staging, overlay_whiteouts=True)  # type: ignore[arg-type]
@@ -113,6 +116,8 @@ class Snapshotter:
             if found != diff_id:
                 raise LayerError(f"blob {blobs[0]['digest']} unpacks to {found}, not layer {diff_id}.")
             self.commit(diff_id, staging)
+        except OSError as exc:
+            raise self.store.storage_error(exc) from exc
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -137,19 +142,22 @@ class Snapshotter:
                 f"{MAX_LAYERS}. Squash some RUN steps together."
             )
         for diff_id in diff_ids:
-            self.ensure(diff_id)
+            self.ensure(diff_id, workdir)
         lowers = [self.short(d) for d in reversed(diff_ids)] + ["l/empty"]
-        scratch = Path(tempfile.mkdtemp(dir=workdir, prefix="mnt-"))
-        merged = scratch / "merged"
-        merged.mkdir()
         options = f"lowerdir={':'.join(lowers)},{_OVERLAY_OPTIONS}"
         upper = None
-        if writable:
-            upper, work = scratch / "upper", scratch / "work"
-            upper.mkdir()
-            upper.chmod(0o755)  # the root directory as the step sees it, whatever the umask
-            work.mkdir()
-            options += f",upperdir={upper},workdir={work}"
+        try:
+            scratch = Path(tempfile.mkdtemp(dir=workdir, prefix="mnt-"))
+            merged = scratch / "merged"
+            merged.mkdir()
+            if writable:
+                upper, work = scratch / "upper", scratch / "work"
+                upper.mkdir()
+                upper.chmod(0o755)  # the root directory as the step sees it, whatever the umask
+                work.mkdir()
+                options += f",upperdir={upper},workdir={work}"
+        except OSError as exc:
+            raise self.store.storage_error(exc) from exc
         if len(options) >= _PAGE:
             raise LayerError(f"the overlay mount options for {len(diff_ids)} layers exceed one page.")
         _run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)], cwd=self.root)
@@ -168,4 +176,7 @@ def _run(argv: list[str], cwd: Path) -> None:
     result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         message = result.stderr.strip() or f"exit status {result.returncode}"
-        raise StoreError(f"{argv[0]} of an overlay failed: {message}.")
+        hint = ""
+        if "unknown filesystem type" in message:
+            hint = " This kernel has no overlay file system: load it (modprobe overlay) or build elsewhere."
+        raise StoreError(f"{argv[0]} of an overlay failed: {message.rstrip('.')}.{hint}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import hashlib
 import json
@@ -41,6 +42,15 @@ ROOT_ENV = "BUILDER_ROOT"
 DEFAULT_ROOT = "/var/lib/builder"
 _OVERLAYFS_MAGIC = 0x794C7630
 _CHUNK = 1 << 20
+# Failures of the store's file system itself: reported as a StoreError naming the store.
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: " Free some space (builder prune) or pass --root on a larger file system.",
+    errno.EDQUOT: " Free some space (builder prune) or pass --root on a larger file system.",
+    errno.EROFS: " Remount it read-write or pass --root on a writable file system.",
+    errno.EIO: " The file system reports an I/O error; check the disk.",
+}
+# Temp entries in tmp/ that a process flock()s while it uses them; unlocked ones are stale.
+_TEMP_PREFIXES = ("build-", "blob-", "rec-")
 
 
 def default_root() -> Path:
@@ -53,8 +63,7 @@ class BlobWriter:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        fd, name = tempfile.mkstemp(dir=store.root / "tmp", prefix="blob-")
-        self.path = Path(name)
+        fd, self.path = store.temp_file("blob-")
         self.file: BinaryIO = os.fdopen(fd, "wb")
         self._hash = hashlib.sha256()
         self.size = 0
@@ -73,25 +82,19 @@ class BlobWriter:
 
     def commit(self, expected: str | None = None) -> str:
         """fsync and rename into place; with ``expected``, refuse content of another digest."""
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
         digest = self.digest
         if expected is not None and digest != expected:
             self.discard()
             raise StoreError(f"content has digest {digest}, not the expected {expected}; nothing was stored.")
-        target = self._store.blob_path(digest)
-        os.chmod(self.path, 0o644)
-        os.replace(self.path, target)
-        return digest
+        return self.commit_hashed(digest)
 
     def commit_hashed(self, digest: str) -> str:
         """Commit bytes written straight to ``file`` by a producer that hashed them itself."""
         self.file.flush()
         os.fsync(self.file.fileno())
-        self.file.close()
         os.chmod(self.path, 0o644)
         os.replace(self.path, self._store.blob_path(digest))
+        self.file.close()  # only now: the lock on the open file marks the temp file as in use
         return digest
 
     def discard(self) -> None:
@@ -147,6 +150,10 @@ class Store:
         writer = BlobWriter(self)
         try:
             yield writer
+        except OSError as exc:
+            if exc.errno in _STORAGE_ERRNOS:
+                raise self.storage_error(exc) from exc
+            raise
         finally:
             if writer.path.exists():
                 writer.discard()
@@ -193,15 +200,17 @@ class Store:
     # small JSON records, each replaced atomically
 
     def _write_record(self, path: Path, document: Any) -> None:
-        fd, name = tempfile.mkstemp(dir=self.root / "tmp", prefix="rec-")
+        fd, name = self.temp_file("rec-")
         try:
             with os.fdopen(fd, "w") as file:
                 json.dump(document, file, sort_keys=True)
                 file.flush()
                 os.fsync(file.fileno())
-            os.replace(name, path)
-        except BaseException:
-            Path(name).unlink(missing_ok=True)
+                os.replace(name, path)  # before the close ends the lock that marks it in use
+        except BaseException as exc:
+            name.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+                raise self.storage_error(exc) from exc
             raise
 
     @staticmethod
@@ -302,57 +311,100 @@ class Store:
 
     # locks and temp dirs
 
+    def storage_error(self, exc: OSError) -> StoreError:
+        """The error for an operation the store's file system refused (full, read-only, ...)."""
+        where = f" ({exc.filename})" if exc.filename else ""
+        verb = "write to" if exc.errno in _STORAGE_ERRNOS else "use"
+        hint = _STORAGE_ERRNOS.get(exc.errno or 0, "")
+        return StoreError(f"cannot {verb} the store {self.root}: {exc.strerror}{where}.{hint}")
+
     @contextlib.contextmanager
-    def lock(self, name: str) -> Iterator[None]:
+    def _flock(self, name: str, operation: int) -> Iterator[None]:
+        # Opened read-only: a read-only store can still be locked, and so read and checked.
+        try:
+            fd = os.open(self.root / "tmp" / name, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise self.storage_error(exc) from exc
+        try:
+            fcntl.flock(fd, operation)
+            yield
+        finally:
+            os.close(fd)
+
+    def lock(self, name: str) -> contextlib.AbstractContextManager[None]:
         """A short exclusive lock between processes (never held across a RUN)."""
-        with open(self.root / "tmp" / f"{name}.lock", "a") as file:
-            fcntl.flock(file.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+        return self._flock(f"{name}.lock", fcntl.LOCK_EX)
 
-    @contextlib.contextmanager
-    def lease(self) -> Iterator[None]:
+    def lease(self) -> contextlib.AbstractContextManager[None]:
         """Held (shared) by every build for its whole run: prune waits until no build runs."""
-        with open(self.root / "tmp" / "gc.lock", "a") as file:
-            fcntl.flock(file.fileno(), fcntl.LOCK_SH)
-            try:
-                yield
-            finally:
-                fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+        return self._flock("gc.lock", fcntl.LOCK_SH)
 
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
         """Held by prune: no build runs meanwhile, and none starts until it is done."""
-        with open(self.root / "tmp" / "gc.lock", "a") as file:
-            fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+        return self._flock("gc.lock", fcntl.LOCK_EX)
+
+    def temp_file(self, prefix: str) -> tuple[int, Path]:
+        """A new file in tmp/, flock()ed for as long as the returned descriptor is open."""
+        while True:
             try:
-                yield
-            finally:
-                fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+                fd, name = tempfile.mkstemp(dir=self.root / "tmp", prefix=prefix)
+            except OSError as exc:
+                raise self.storage_error(exc) from exc
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(name).st_ino == os.fstat(fd).st_ino:
+                    return fd, Path(name)
+            os.close(fd)  # a cleaner took it for stale between mkstemp and flock
 
     @contextlib.contextmanager
     def workdir(self) -> Iterator[Path]:
         """A private temp dir for one build, locked while in use and removed afterwards."""
         self.remove_stale_workdirs()
-        path = Path(tempfile.mkdtemp(dir=self.root / "tmp", prefix="build-"))
-        with open(path / ".lock", "w") as lockfile:
-            fcntl.flock(lockfile.fileno(), fcntl.LOCK_EX)
+        while True:
             try:
-                yield path
+                path = Path(tempfile.mkdtemp(dir=self.root / "tmp", prefix="build-"))
+                fd = os.open(path / ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise self.storage_error(exc) from exc
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path / ".lock").st_ino == os.fstat(fd).st_ino:
+                    break
+            os.close(fd)  # a cleaner took it for stale between creating and locking it
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+            os.close(fd)
+
+    def stale_temp(self, *, remove: bool) -> list[Path]:
+        """Work dirs and temp files in tmp/ that no process holds: left by one that was killed.
+        With ``remove``, each is removed while locked here, so nothing in use ever is."""
+        found = []
+        for path in sorted((self.root / "tmp").iterdir()):
+            if not path.name.startswith(_TEMP_PREFIXES) or path.name.endswith(".lock"):
+                continue
+            lock = path / ".lock" if path.name.startswith("build-") else path
+            try:
+                fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue  # gone already, or a work dir whose lock is still being made
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                found.append(path)
+                if remove and path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                elif remove:
+                    path.unlink(missing_ok=True)
+            except BlockingIOError:
+                continue
             finally:
-                shutil.rmtree(path, ignore_errors=True)
+                os.close(fd)
+        return found
 
     def remove_stale_workdirs(self) -> None:
-        """Remove the work dirs of builds that died (their lock is no longer held)."""
-        for path in (self.root / "tmp").glob("build-*"):
-            try:
-                with open(path / ".lock") as lockfile:
-                    fcntl.flock(lockfile.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    shutil.rmtree(path, ignore_errors=True)
-            except (BlockingIOError, FileNotFoundError, NotADirectoryError):
-                continue
+        """Remove what builds, loads and pulls that died left in tmp/ (see stale_temp)."""
+        self.stale_temp(remove=True)
 
 
 def _fs_type(path: Path) -> int:

@@ -1,74 +1,246 @@
-"""COPY and ADD: find the sources a step names and write them through the mounted root.
+"""COPY and ADD: find what a step names and write it through the mounted root.
 
-Sources come from the build context (wildcards, .dockerignore), from another stage's or image's
-root file system (mounted read-only by the caller), or from heredocs. Errors are ContextErrors
-without a line; the executor adds the Dockerfile location.
+Sources come from the build context (wildcards, ``.dockerignore``), from another stage's or
+image's root file system (mounted read-only by the caller), from heredocs, and for ADD from
+URLs and Git repositories; ADD unpacks a local tar archive (plain, gzip, bzip2, xz, zstd) with
+the hostile-tar-safe applier. ``--exclude`` leaves out paths (relative to each source),
+``--parents`` keeps the path of each source below the ``/./`` pivot. The same source list
+gives the content digests the cache key uses. Errors are ContextErrors without a line; the
+executor adds the Dockerfile location.
 """
 
 from __future__ import annotations
 
+import shutil
+import stat
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from builder.buildcontext import BuildContext, Source
-from builder.errors import ContextError
-from builder.fscopy import CopySource, copy_sources, parse_chmod, walk_tree
+from builder.buildcontext import BuildContext, Source, entry_digest, filtered_walk, match_root
+from builder.errors import BuilderError, ContextError
+from builder.fetch import fetch_git, fetch_url, is_url, parse_git_source, url_filename
+from builder.fscopy import CopySource, Walker, copy_sources, make_dirs, parse_chmod
+from builder.layer import apply_layer, open_layer
+from builder.patterns import BadPatternError, PatternMatcher, clean, has_wildcards
 from builder.plan import CopyStep
 from builder.rootpath import resolve_in_root
 from builder.users import Identity, resolve_chown
 
-__all__ = ["context_sources", "run_copy"]
+__all__ = ["run_copy", "source_digests"]
 
 _ROOT = Identity(0, 0)
 
 
-def context_sources(step: CopyStep, context: BuildContext) -> list[Source]:
-    """Every context path the step's sources match; a source matching nothing is an error."""
-    found = []
-    for pattern in step.sources:
-        matched = context.match(pattern)
-        if not matched:
-            raise ContextError(
-                f"COPY source {pattern!r} is not in the build context (or .dockerignore excludes it)."
-            )
-        found.extend(matched)
-    return found
+@dataclass(frozen=True)
+class _Item:
+    """One source to write: copied, or unpacked when it is a local archive ADD opens."""
+
+    source: CopySource
+    key: str  # its name in the content digests
+    digest: str | None = None  # set for fetched sources, named by their content or commit
+    unpack: bool = False
 
 
-def run_copy(step: CopyStep, root: Path, context: BuildContext, origin: Path | None, staging: Path) -> None:
-    """Copy into ``root``; ``origin`` is the mounted root of ``--from``, ``staging`` a scratch dir."""
-    owner = resolve_chown(root, step.chown) if step.chown else None
+def run_copy(
+    step: CopyStep, root: Path, context: BuildContext, origin: Path | None, scratch: Path, users: Path
+) -> None:
+    """Copy into ``root``; ``origin`` is the mounted root of ``--from``.
+
+    ``scratch`` holds heredocs and downloads (kept for the build); ``users`` is the root whose
+    /etc/passwd and /etc/group name the ``--chown`` user.
+    """
+    owner = resolve_chown(users, step.chown) if step.chown else None
     chmod = parse_chmod(step.chmod) if step.chmod else None
-    into_dir = step.dest.endswith("/") or len(step.sources) + len(step.inline) > 1
-    into_dir = into_dir or any(ch in p for p in step.sources for ch in "*?[")
-    items = _inline_sources(step, staging)
-    if origin is None:
-        items += [_context_item(context, source) for source in context_sources(step, context)]
-        owner = owner or _ROOT
-    else:
-        items += [_origin_item(origin, pattern) for pattern in step.sources]
+    staging = Path(tempfile.mkdtemp(dir=scratch, prefix="heredoc-"))
     try:
-        copy_sources(items, root, step.dest, into_dir=into_dir, owner=owner or _ROOT, chmod=chmod)
-    except OSError as exc:
-        raise ContextError(f"COPY failed: {exc}.") from exc
+        items = _items(step, context, origin, scratch, fetch=True) + _inline(step, staging)
+        if not items:
+            return  # wildcards that matched nothing: BuildKit copies nothing and says nothing
+        dest = _destination(step, root, len(items))
+        owner = owner or (_ROOT if origin is None else None)
+        for item in items:
+            if item.unpack:
+                _unpack(item.source, root, dest, owner)
+            else:
+                copy_sources([item.source], root, dest, owner=owner, chmod=chmod)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def _context_item(context: BuildContext, source: Source) -> CopySource:
-    return CopySource(source.path, source.path.name, lambda: context.walk(source))
+def source_digests(
+    step: CopyStep, context: BuildContext, origin: Path | None, scratch: Path
+) -> dict[str, str]:
+    """A digest per copied path (and per fetched source): what the step's result depends on.
+
+    Heredocs are not here: their text is a field of the step. A URL with ``--checksum`` is
+    named by it without a download.
+    """
+    digests: dict[str, str] = {}
+    for item in _items(step, context, origin, scratch, fetch=False):
+        if item.digest is not None:
+            digests[item.key] = item.digest
+            continue
+        digests[item.key] = entry_digest(item.key, item.source.path, owners=origin is not None)
+        for rel, path in item.source.children():
+            name = f"{item.key}/{rel}" if item.key else rel
+            digests[name] = entry_digest(name, path, owners=origin is not None)
+    return digests
 
 
-def _origin_item(origin: Path, pattern: str) -> CopySource:
-    path = resolve_in_root(origin, pattern)
-    if not path.exists() and not path.is_symlink():
-        raise ContextError(f"COPY --from source {pattern!r} does not exist in that stage or image.")
-    return CopySource(path, path.name, lambda: walk_tree(path))
+def _items(
+    step: CopyStep, context: BuildContext, origin: Path | None, scratch: Path, *, fetch: bool
+) -> list[_Item]:
+    try:
+        exclude = PatternMatcher.compile(step.exclude) if step.exclude else None
+    except BadPatternError as exc:
+        raise ContextError(f"--exclude has an {exc}.") from None
+    items: list[_Item] = []
+    for pattern in step.sources:
+        git = parse_git_source(pattern)
+        if git is not None or is_url(pattern):
+            if not step.add:
+                raise ContextError(f"COPY cannot fetch {pattern}; use ADD for URLs and Git repositories.")
+            remote = _git_item if git is not None else _url_item
+            items.append(remote(step, pattern, scratch, fetch=fetch))
+        else:
+            items += _local_items(step, pattern, context, origin, exclude)
+    return items
 
 
-def _inline_sources(step: CopyStep, staging: Path) -> list[CopySource]:
+def _local_items(
+    step: CopyStep, pattern: str, context: BuildContext, origin: Path | None, exclude: PatternMatcher | None
+) -> list[_Item]:
+    """The matches of one source in the context or the --from root, excluded ones left out."""
+    pivot = pattern.partition("/./")[0] if step.parents and "/./" in pattern else ""
+    matches = context.match(pattern) if origin is None else match_root(origin, pattern, confine=False)
+    if not matches and not has_wildcards(pattern):
+        where = "that stage or image" if origin else "the build context (or .dockerignore excludes it)"
+        raise ContextError(f"{'ADD' if step.add else 'COPY'} source {pattern!r} is not in {where}.")
+    items = []
+    for match in matches:
+        if exclude is not None and (exclude.matches(match.name) or exclude.matches(match.given)):
+            continue
+        parents: tuple[tuple[str, Path], ...] = ()
+        if step.parents:
+            parents = _parents(origin or context.root, match, pivot, confine=origin is None)
+        source = CopySource(match.path, match.name, _children(match, context, origin, exclude), parents)
+        unpack = step.add and step.unpack is not False and origin is None and _is_archive(match.path)
+        items.append(_Item(source, match.given, unpack=unpack))
+    return items
+
+
+def _children(
+    match: Source, context: BuildContext, origin: Path | None, exclude: PatternMatcher | None
+) -> Walker:
+    if not _is_dir(match.path):
+        return _no_children
+    if origin is None:
+        return partial(context.walk, match, exclude)
+    return partial(filtered_walk, match.path, [(exclude, "")] if exclude else [])
+
+
+def _parents(root: Path, match: Source, pivot: str, *, confine: bool) -> tuple[tuple[str, Path], ...]:
+    """The directories from the --parents pivot down to the source (a directory included)."""
+    base = clean("/" + pivot).lstrip("/")
+    rel = match.given[len(base) :].lstrip("/") if base and match.given.startswith(base + "/") else match.given
+    parts = rel.split("/") if rel else []
+    if not _is_dir(match.path):
+        parts = parts[:-1]
+    found = []
+    for index in range(len(parts)):
+        path = "/".join([base, *parts[: index + 1]]) if base else "/".join(parts[: index + 1])
+        found.append((parts[index], resolve_in_root(root, path, confine=confine)))
+    return tuple(found)
+
+
+def _url_item(step: CopyStep, url: str, scratch: Path, *, fetch: bool) -> _Item:
+    if fetch or not step.checksum:
+        fetched = fetch_url(url, scratch, step.checksum)
+        path, digest = fetched.path, fetched.digest
+    else:
+        path, digest = Path(url_filename(url)), step.checksum
+    unpack = fetch and step.unpack is True and _is_archive(path)
+    return _Item(CopySource(path, url_filename(url), _no_children), url, digest, unpack)
+
+
+def _git_item(step: CopyStep, source: str, scratch: Path, *, fetch: bool) -> _Item:
+    del fetch  # a Git source is always named by the commit its ref resolves to
+    git = parse_git_source(source)
+    assert git is not None
+    keep = step.keep_git_dir if git.keep_git_dir is None else git.keep_git_dir
+    fetched = fetch_git(git, scratch, keep_git_dir=keep, checksum=step.checksum)
+    top = match_root(fetched.path, git.subdir or ".", confine=True)
+    if not top or not _is_dir(top[0].path):
+        raise ContextError(f"the Git repository {git.remote} has no directory {git.subdir!r}.")
+    tree = partial(filtered_walk, top[0].path, [])
+    return _Item(CopySource(top[0].path, "", tree), source, f"{fetched.digest}:{git.subdir}")
+
+
+def _inline(step: CopyStep, staging: Path) -> list[_Item]:
     """Heredoc sources, written to files first so that one code path copies everything."""
     items = []
     for name, content in step.inline:
-        staging.mkdir(parents=True, exist_ok=True)
-        (staging / name).write_text(content)
-        (staging / name).chmod(0o644)
-        items.append(CopySource(staging / name, name, lambda: iter(())))
+        if "/" in name or name in (".", ".."):
+            raise ContextError(f"the heredoc name {name!r} cannot be a file name.")
+        path = staging / name
+        path.write_text(content)
+        path.chmod(0o644)
+        items.append(_Item(CopySource(path, name, _no_children), name))
     return items
+
+
+def _destination(step: CopyStep, root: Path, count: int) -> str:
+    """The destination; several sources need a directory, as the Dockerfile reference says."""
+    if count == 1 or step.dest.endswith("/") or step.parents:
+        return step.dest
+    if _is_dir(resolve_in_root(root, step.dest)):
+        return step.dest + "/"
+    keyword = "ADD" if step.add else "COPY"
+    raise ContextError(
+        f"When using {keyword} with more than one source file, the destination must be a directory "
+        f"and end with a /, and {step.dest} is neither."
+    )
+
+
+def _is_archive(path: Path) -> bool:
+    """Whether a regular file holds a tar stream, plain or compressed (BuildKit's isArchivePath)."""
+    try:
+        if not stat.S_ISREG(path.lstat().st_mode):
+            return False
+        with path.open("rb") as file:
+            head = open_layer(file).read(tarfile.BLOCKSIZE)
+        tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+    except (OSError, BuilderError, tarfile.HeaderError):
+        return False
+    return True
+
+
+def _unpack(source: CopySource, root: Path, dest: str, owner: Identity | None) -> None:
+    """Extract an archive into the directory ``dest``; its entries keep the owners they carry."""
+    make_dirs(root, dest, owner)
+    target = resolve_in_root(root, dest)
+    try:
+        with source.path.open("rb") as file:
+            apply_layer(open_layer(file), target, overlay_whiteouts=False)
+    except BuilderError as exc:
+        detail = str(exc)
+        raise ContextError(
+            f"ADD could not unpack {source.name} into {dest}: {detail[:1].lower()}{detail[1:]}"
+        ) from exc
+    except OSError as exc:
+        raise ContextError(f"ADD could not read {source.name}: {exc.strerror}.") from exc
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def _no_children() -> Iterator[tuple[str, Path]]:
+    return iter(())

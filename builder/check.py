@@ -1,0 +1,306 @@
+"""``builder check``: verify a store, and repair what can be repaired.
+
+What is verified, and what ``--repair`` does when it is wrong::
+
+    blobs/sha256/<hex>   the content hashes to the name                      → removed
+    layers/<diff>.json   descriptors of stored blobs that unpack to the layer → rewritten
+    cache/<key>.json     parses; its layer is a stored blob that unpacks to it → removed
+    tags/<name>          the manifest, its config and its layers are stored   → reported
+    snapshots/<diff>     a stored blob holds the layer                         → removed
+    l/<short>            points at its snapshot                                → removed
+    tmp/                 work dirs and temp files of killed processes          → removed
+
+Sizes are checked wherever a descriptor names a blob. A damaged image cannot be repaired here:
+its tag stays and is reported, to be loaded or pulled again. A run holds the store's exclusive
+lock (as prune does), so no build, load or pull changes the store meanwhile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from builder.digest import is_digest
+from builder.errors import StoreError
+from builder.layer import open_layer
+from builder.oci import INDEX_MEDIA_TYPES, LAYER_COMPRESSIONS
+from builder.store import Store
+
+__all__ = ["CheckResult", "Problem", "check_store"]
+
+Json = dict[str, Any]
+_CHUNK = 1 << 20
+_UNPACK_PREFIXES = (".unpack-",)  # snapshot staging dirs of older builders, never in use now
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: Path
+    message: str  # a sentence
+    repair: Callable[[], None] | None = field(default=None, compare=False)  # None: not repairable
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    checked: dict[str, int]  # what was looked at, by kind
+    problems: tuple[Problem, ...]
+    repaired: tuple[Problem, ...]
+
+    @property
+    def remaining(self) -> tuple[Problem, ...]:
+        return tuple(problem for problem in self.problems if problem not in self.repaired)
+
+
+def check_store(store: Store, *, repair: bool) -> CheckResult:
+    """Verify everything in ``store``; with ``repair``, fix every problem that has a repair."""
+    with store.exclusive():
+        checker = _Checker(store)
+        checker.run()
+        repaired = []
+        if repair:
+            for problem in checker.problems:
+                if problem.repair is not None:
+                    try:
+                        problem.repair()
+                    except OSError as exc:
+                        raise store.storage_error(exc) from exc
+                    repaired.append(problem)
+    return CheckResult(checker.checked, tuple(checker.problems), tuple(repaired))
+
+
+def _remove(path: Path) -> Callable[[], None]:
+    def remove() -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+    return remove
+
+
+def _valid_descriptor(desc: object) -> bool:
+    return (
+        isinstance(desc, dict)
+        and isinstance(desc.get("mediaType"), str)
+        and isinstance(desc.get("digest"), str)
+        and is_digest(desc["digest"])
+        and type(desc.get("size")) is int
+        and desc["size"] >= 0
+    )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+class _Checker:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.root = store.root
+        self.problems: list[Problem] = []
+        self.checked: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}  # sound blobs: digest -> size
+        self.unpacked: dict[str, str | None] = {}  # layer blob digest -> its diff_id, None if not a layer
+
+    def problem(self, path: Path, message: str, repair: Callable[[], None] | None = None) -> None:
+        self.problems.append(Problem(path, message, repair))
+
+    def run(self) -> None:
+        self.blobs()
+        self.layer_index()
+        self.cache_records()
+        self.tags()
+        self.snapshots()
+        self.links()
+        self.temp()
+
+    def entries(self, kind: str, sub: str) -> Iterator[Path]:
+        paths = sorted((self.root / sub).iterdir()) if (self.root / sub).is_dir() else []
+        self.checked[kind] = len(paths)
+        return iter(paths)
+
+    # blobs
+
+    def blobs(self) -> None:
+        for path in self.entries("blobs", "blobs/sha256"):
+            digest = f"sha256:{path.name}"
+            if not is_digest(digest) or path.is_symlink() or not path.is_file():
+                self.problem(path, "this is not a blob: the name is not a sha256 digest.", _remove(path))
+                continue
+            found = _hash_file(path)
+            if found != digest:
+                self.problem(path, f"the blob is corrupt: its content has digest {found}.", _remove(path))
+                continue
+            self.sizes[digest] = path.stat().st_size
+
+    def blob_problem(self, desc: Json) -> str | None:
+        """Why a descriptor does not name a sound stored blob, or None when it does."""
+        size = self.sizes.get(desc["digest"])
+        if size is None:
+            return f"the blob {desc['digest']} is missing or corrupt"
+        if size != desc["size"]:
+            return f"the blob {desc['digest']} has {size} bytes, not the {desc['size']} its descriptor says"
+        return None
+
+    def layer_problem(self, desc: object, diff_id: str) -> str | None:
+        """Why ``desc`` is not a stored layer blob that unpacks to ``diff_id``, or None."""
+        if not _valid_descriptor(desc) or not isinstance(desc, dict):
+            return f"{json.dumps(desc)[:200]} is not a valid descriptor"
+        if desc["mediaType"] not in LAYER_COMPRESSIONS:
+            return f"the media type {desc['mediaType']!r} is not a layer's"
+        missing = self.blob_problem(desc)
+        if missing is not None:
+            return missing
+        if desc["digest"] not in self.unpacked:
+            self.unpacked[desc["digest"]] = _diff_id(self.store.blob_path(desc["digest"]))
+        found = self.unpacked[desc["digest"]]
+        if found != diff_id:
+            return f"the blob {desc['digest']} unpacks to {found or 'no layer'}, not to layer {diff_id}"
+        return None
+
+    # records
+
+    def layer_index(self) -> None:
+        for path in self.entries("layer index records", "layers"):
+            diff_id = f"sha256:{path.stem}"
+            record = _read_json(path)
+            if path.suffix != ".json" or not is_digest(diff_id) or not isinstance(record, list):
+                self.problem(path, "the layer index record does not parse.", _remove(path))
+                continue
+            good = [desc for desc in record if self.layer_problem(desc, diff_id) is None]
+            for desc in record:
+                reason = self.layer_problem(desc, diff_id)
+                if reason is not None:
+                    self.problem(path, f"an entry is wrong: {reason}.", self._rewrite_index(path, good))
+
+    def _rewrite_index(self, path: Path, good: list[Json]) -> Callable[[], None]:
+        def rewrite() -> None:
+            path.unlink(missing_ok=True)
+            for desc in good:
+                self.store.add_layer_blob(f"sha256:{path.stem}", desc)
+
+        return rewrite
+
+    def cache_records(self) -> None:
+        for path in self.entries("cache records", "cache"):
+            record = _read_json(path)
+            layer = record.get("layer", ...) if isinstance(record, dict) else ...
+            valid = path.suffix == ".json" and is_digest(f"sha256:{path.stem}")
+            if not valid or not isinstance(record.get("created") if isinstance(record, dict) else None, int | float):
+                self.problem(path, "the cache record does not parse.", _remove(path))
+            elif layer is not None:
+                self.cache_layer(path, layer)
+
+    def cache_layer(self, path: Path, layer: object) -> None:
+        diff_id = layer.get("diff_id") if isinstance(layer, dict) else None
+        if not isinstance(layer, dict) or not isinstance(diff_id, str) or not is_digest(diff_id):
+            self.problem(path, "the cache record names no layer.", _remove(path))
+            return
+        reason = self.layer_problem(layer.get("blob"), diff_id)
+        if reason is not None:
+            self.problem(path, f"the cached step's layer is lost: {reason}.", _remove(path))
+        elif layer["blob"]["digest"] not in [d.get("digest") for d in self.store.layer_blobs(diff_id)]:
+            add = lambda: self.store.add_layer_blob(diff_id, layer["blob"])  # noqa: E731
+            self.problem(path, f"the layer index does not list its blob for layer {diff_id}.", add)
+
+    # images
+
+    def tags(self) -> None:
+        for path in self.entries("tags", "tags"):
+            record = _read_json(path)
+            digest = record.get("manifest") if isinstance(record, dict) else None
+            if not isinstance(digest, str) or not is_digest(digest):
+                self.problem(path, "the tag record does not parse.", _remove(path))
+                continue
+            name = urllib.parse.unquote(path.name)
+            for reason in self.image_problems(digest):
+                self.problem(path, f"the image {name} is damaged: {reason}; load or pull it again.")
+
+    def image_problems(self, digest: str) -> list[str]:
+        if digest not in self.sizes:
+            return [f"its manifest {digest} is missing or corrupt"]
+        manifest = _read_json(self.store.blob_path(digest))
+        if not isinstance(manifest, dict):
+            return [f"its manifest {digest} is not a JSON object"]
+        if manifest.get("mediaType") in INDEX_MEDIA_TYPES:
+            entries = [e for e in manifest.get("manifests") or [] if _valid_descriptor(e)]
+            stored = [str(e["digest"]) for e in entries if e["digest"] in self.sizes]
+            if not stored:
+                return [f"its index {digest} names no stored manifest"]
+            return [reason for entry in stored for reason in self.image_problems(entry)]
+        config, layers = manifest.get("config"), manifest.get("layers")
+        if not _valid_descriptor(config) or not isinstance(layers, list) or not isinstance(config, dict):
+            return [f"its manifest {digest} is not an image manifest"]
+        reasons = [r for r in [self.blob_problem(config)] if r is not None]
+        document = _read_json(self.store.blob_path(config["digest"])) if not reasons else {}
+        diff_ids = (document.get("rootfs") or {}).get("diff_ids") if isinstance(document, dict) else None
+        if not reasons and (not isinstance(diff_ids, list) or len(diff_ids) != len(layers)):
+            reasons.append(f"its config {config['digest']} does not list one diff_id per layer")
+            diff_ids = None
+        for index, desc in enumerate(layers):
+            reason = self.layer_problem(desc, str(diff_ids[index])) if diff_ids else None
+            if reason is not None or not _valid_descriptor(desc):
+                reasons.append(f"layer {index + 1}: {reason or 'not a valid descriptor'}")
+        return reasons
+
+    # snapshots, links and temp files
+
+    def snapshots(self) -> None:
+        for path in self.entries("snapshots", "snapshots"):
+            diff_id = f"sha256:{path.name}"
+            if path.name.startswith(_UNPACK_PREFIXES):
+                self.problem(path, "a layer unpack was left half done.", _remove(path))
+            elif path.name != "empty" and not is_digest(diff_id):
+                self.problem(path, "this is not a snapshot: the name is not a layer digest.", _remove(path))
+            elif path.name != "empty" and not any(
+                self.layer_problem(desc, diff_id) is None for desc in self.store.layer_blobs(diff_id)
+            ):
+                self.problem(path, f"no sound stored blob holds layer {diff_id}.", _remove(path))
+
+    def links(self) -> None:
+        for link in self.entries("short links", "l"):
+            target = os.readlink(link) if link.is_symlink() else ""
+            expected = f"../snapshots/{'empty' if link.name == 'empty' else ''}"
+            if not target.startswith(expected) or not link.exists():
+                self.problem(link, "the short layer link is dangling or points elsewhere.", _remove(link))
+
+    def temp(self) -> None:
+        stale = self.store.stale_temp(remove=False)
+        self.checked["temp entries"] = len(stale)
+        for path in stale:
+            self.problem(path, "a build, load or pull that was killed left this behind.", _remove(path))
+
+
+def _hash_file(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(_CHUNK):
+            hasher.update(chunk)
+    return "sha256:" + hasher.hexdigest()
+
+
+def _diff_id(path: Path) -> str | None:
+    """The digest of the uncompressed layer, or None when the blob does not decompress."""
+    hasher = hashlib.sha256()
+    try:
+        with path.open("rb") as file:
+            stream = open_layer(file)
+            while chunk := stream.read(_CHUNK):
+                hasher.update(chunk)
+    except Exception:  # any decoder's error: zlib, zstandard, lzma, EOFError
+        return None
+    return "sha256:" + hasher.hexdigest()
+
+
+def _unused(error: StoreError) -> None:
+    raise error

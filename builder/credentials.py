@@ -1,0 +1,65 @@
+"""Registry logins from the Docker config file (``$DOCKER_CONFIG/config.json`` or
+``~/.docker/config.json``), as ``docker login`` writes them: ``auths`` entries with ``auth``
+(base64 of user:password) or ``username`` and ``password``. Credential helpers are not run.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.errors import RegistryError
+
+__all__ = ["DOCKER_HUB", "Credentials", "docker_config_path", "load_credentials"]
+
+DOCKER_HUB = "docker.io"
+_DOCKER_HUB_KEYS = ("docker.io", "index.docker.io", "registry-1.docker.io")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str
+
+    def basic(self) -> str:
+        return "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+
+
+def docker_config_path() -> Path:
+    """``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``."""
+    base = os.environ.get("DOCKER_CONFIG")
+    return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
+
+
+def _config_host(key: str) -> str:
+    """``https://index.docker.io/v1/`` → ``index.docker.io``; ``host:5000`` stays."""
+    return urllib.parse.urlsplit(key if "://" in key else f"//{key}").netloc or key
+
+
+def load_credentials(registry: str, path: Path | None = None) -> Credentials | None:
+    """The login for ``registry`` in a Docker config file (``auths``), if there is one."""
+    path = path or docker_config_path()
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"cannot read the credentials in {path}: {exc}.") from exc
+    wanted = _DOCKER_HUB_KEYS if registry == DOCKER_HUB else (registry,)
+    auths = document.get("auths") if isinstance(document, dict) else None
+    for key, entry in (auths or {}).items():
+        if _config_host(key) not in wanted or not isinstance(entry, dict):
+            continue
+        if entry.get("username") and entry.get("password"):
+            return Credentials(str(entry["username"]), str(entry["password"]))
+        try:
+            user, sep, password = base64.b64decode(str(entry.get("auth", ""))).decode().partition(":")
+        except ValueError as exc:
+            raise RegistryError(f"the auth entry for {key} in {path} is not base64 user:password.") from exc
+        if sep:
+            return Credentials(user, password)
+    return None

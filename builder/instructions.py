@@ -1,0 +1,671 @@
+"""Instructions → typed commands: flags checked, arguments split as BuildKit splits them.
+
+The model is BuildKit's ``frontend/dockerfile/instructions`` (``parse.go``, ``bflag.go``). Every
+instruction of every stage is checked here before any stage is planned, so a mistake in a stage
+the target does not need is still reported. Values stay unexpanded: which words are expanded, in
+which scope, is the plan's business. Also here: the value parsers the plan applies after
+expansion (``--mount``, ``--chmod``, ports, stop signals, durations, platforms). Pure.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import posixpath
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from builder.dockerfile import (
+    GO_SPACE,
+    Dockerfile,
+    Heredoc,
+    Instruction,
+    parse_exec_form,
+    parse_heredoc_word,
+    suggest,
+)
+from builder.errors import DockerfileError
+
+__all__ = [
+    "ArgCommand",
+    "Command",
+    "CopyCommand",
+    "ExecCommand",
+    "FromCommand",
+    "HealthcheckCommand",
+    "InvalidValue",
+    "ListCommand",
+    "Mount",
+    "OnbuildCommand",
+    "PairsCommand",
+    "RunCommand",
+    "ValueCommand",
+    "check_chmod",
+    "check_platform",
+    "check_signal",
+    "parse_command",
+    "parse_mount",
+    "parse_ports",
+    "split_fields",
+]
+
+_WORD_SPACE = re.compile(r"[\t\v\f\r ]+")
+_STAGE_NAME = re.compile(r"[a-z][a-z0-9\-_.]*")
+# Flag kinds: "string" once, "strings" repeatable, "bool" as --flag or --flag=true|false.
+_FLAGS: dict[str, dict[str, str]] = {
+    "FROM": {"platform": "string"},
+    "RUN": {"mount": "strings", "network": "string", "security": "string"},
+    "COPY": {
+        "from": "string", "chown": "string", "chmod": "string", "link": "bool", "parents": "bool",
+        "exclude": "strings",
+    },
+    "ADD": {
+        "chown": "string", "chmod": "string", "link": "bool", "keep-git-dir": "bool", "checksum": "string",
+        "unpack": "bool", "exclude": "strings",
+    },
+    "HEALTHCHECK": {
+        "interval": "string", "timeout": "string", "start-period": "string", "start-interval": "string",
+        "retries": "string",
+    },
+}  # fmt: skip
+_NETWORKS = ("default", "none", "host")
+_SECURITY = ("sandbox", "insecure")
+Flags = dict[str, Any]
+
+
+class InvalidValue(ValueError):
+    """A value is not valid; the caller adds the file and line."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """A checked instruction; subclasses hold its arguments, still unexpanded."""
+
+    ins: Instruction
+
+    @property
+    def keyword(self) -> str:
+        return self.ins.keyword
+
+
+@dataclass(frozen=True)
+class FromCommand(Command):
+    image: str
+    name: str | None
+    platform: str | None
+
+
+@dataclass(frozen=True)
+class ArgCommand(Command):
+    pairs: tuple[tuple[str, str | None], ...]  # name and default, the default unexpanded
+
+
+@dataclass(frozen=True)
+class PairsCommand(Command):
+    """ENV and LABEL: key and value words, both expanded later."""
+
+    pairs: tuple[tuple[str, str], ...]
+    legacy: bool  # the ``ENV key value`` form
+
+
+@dataclass(frozen=True)
+class ExecCommand(Command):
+    """CMD, ENTRYPOINT and SHELL: the exec form's words, or the shell form's one string."""
+
+    command: tuple[str, ...]
+    shell_form: bool
+
+
+@dataclass(frozen=True)
+class RunCommand(ExecCommand):
+    mounts: tuple[str, ...]  # --mount values, parsed after expansion
+    network: str
+    security: str
+
+
+@dataclass(frozen=True)
+class CopyCommand(Command):
+    sources: tuple[str, ...]
+    dest: str
+    contents: tuple[Heredoc, ...]  # heredoc sources, in order
+    flags: Flags
+
+
+@dataclass(frozen=True)
+class ValueCommand(Command):
+    """WORKDIR, USER, STOPSIGNAL and MAINTAINER: the whole argument text is one value."""
+
+    value: str
+
+
+@dataclass(frozen=True)
+class ListCommand(Command):
+    """EXPOSE and VOLUME."""
+
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HealthcheckCommand(Command):
+    test: tuple[str, ...]
+    durations: tuple[tuple[str, int], ...]  # config key and nanoseconds, zero ones left out
+    retries: int
+
+
+@dataclass(frozen=True)
+class OnbuildCommand(Command):
+    expression: str  # what the image config records: the instruction after ONBUILD
+    trigger: Command
+
+
+def parse_command(ins: Instruction, dockerfile: Dockerfile) -> Command:
+    """Check an instruction's flags and arguments; raises DockerfileError at its line."""
+    try:
+        return _PARSERS[ins.keyword](ins, _flags(ins), dockerfile)
+    except InvalidValue as exc:
+        raise DockerfileError(str(exc), filename=dockerfile.filename, line=ins.line) from exc
+
+
+def _flags(ins: Instruction) -> Flags:
+    spec = _FLAGS.get(ins.keyword, {})
+    values: Flags = {}
+    for name, value in ins.flags:
+        kind = spec.get(name)
+        if kind is None:
+            if not spec:
+                raise InvalidValue(f"unknown flag --{name}: {ins.keyword} takes no flags.")
+            raise InvalidValue(
+                f"unknown flag --{name} for {ins.keyword}{suggest(name.lower(), list(spec), prefix='--')}"
+            )
+        if name in values and kind != "strings":
+            raise InvalidValue(f"the flag --{name} is given twice.")
+        if kind == "bool":
+            values[name] = _bool_flag(ins, name, value)
+        elif value is None:
+            raise InvalidValue(f"the flag --{name} needs a value: --{name}=<value>.")
+        elif kind == "strings":
+            values.setdefault(name, []).append(value)
+        else:
+            values[name] = value
+    return values
+
+
+def _bool_flag(ins: Instruction, name: str, value: str | None) -> bool:
+    if value is None:
+        return True
+    if value.lower() not in ("true", "false"):
+        raise InvalidValue(f"the flag --{name} takes true or false, not {value!r}.")
+    return value.lower() == "true"
+
+
+def split_fields(text: str) -> list[str]:
+    """Split on runs of spaces and tabs, as BuildKit splits FROM, EXPOSE, COPY and VOLUME."""
+    return [word for word in _WORD_SPACE.split(text) if word] if text else []
+
+
+def _words(text: str, escape: str) -> list[str]:
+    """BuildKit's parseWords for ENV, LABEL and ARG: words with quotes and escapes kept."""
+    words: list[str] = []
+    word: list[str] = []
+    quote = ""
+    started = blank_ok = False
+    pos = 0
+    while pos < len(text):
+        ch = text[pos]
+        pos += 1
+        if not quote and ch in GO_SPACE:
+            if started and (blank_ok or word):
+                words.append("".join(word))
+            word, started, blank_ok = [], False, False
+            continue
+        started = True
+        if not quote and ch in "'\"":
+            quote, blank_ok = ch, True
+        elif quote and ch == quote:
+            quote = ""
+        if ch == escape and quote != "'":
+            if pos == len(text):
+                quote = ""
+                continue
+            word.append(ch)
+            ch = text[pos]
+            pos += 1
+        word.append(ch)
+    if started and (blank_ok or word):
+        words.append("".join(word))
+    return words
+
+
+def _parse_from(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
+    words = split_fields(ins.args)
+    if len(words) not in (1, 3) or (len(words) == 3 and words[1].lower() != "as"):
+        raise InvalidValue(
+            "FROM takes an image and an optional stage name: FROM [--platform=...] IMAGE [AS NAME]."
+        )
+    name = words[2].lower() if len(words) == 3 else None
+    if name is not None and not _STAGE_NAME.fullmatch(name):
+        raise InvalidValue(
+            f"invalid stage name {words[2]!r}: it must start with a letter and hold only letters, "
+            "digits, '-', '_' and '.'.",
+        )
+    return FromCommand(ins, words[0], name, flags.get("platform"))
+
+
+def _parse_arg(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
+    pairs: list[tuple[str, str | None]] = []
+    for word in _words(ins.args, df.escape):
+        name, eq, default = word.partition("=")
+        if not name:
+            raise InvalidValue(f"ARG {word!r} has no name: ARG NAME[=DEFAULT].")
+        pairs.append((name, default if eq else None))
+    if not pairs:
+        raise InvalidValue("ARG needs a name: ARG NAME[=DEFAULT].")
+    return ArgCommand(ins, tuple(pairs))
+
+
+def _parse_pairs(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
+    words = _words(ins.args, df.escape)
+    kw = ins.keyword
+    if not words:
+        raise InvalidValue(f"{kw} needs at least one pair: {kw} NAME=VALUE ...")
+    if "=" not in words[0]:
+        parts = _WORD_SPACE.split(ins.args, maxsplit=1)
+        if len(parts) < 2:
+            raise InvalidValue(f"{kw} {words[0]} has no value: {kw} NAME=VALUE.")
+        return PairsCommand(ins, ((parts[0], parts[1]),), legacy=True)
+    pairs = []
+    for word in words:
+        key, eq, value = word.partition("=")
+        if not eq:
+            raise InvalidValue(f"{kw} takes NAME=VALUE pairs, and {word!r} has no '='.")
+        if not key:
+            raise InvalidValue(f"{kw} {word!r} has no name: {kw} NAME=VALUE.")
+        pairs.append((key, value))
+    return PairsCommand(ins, tuple(pairs), legacy=False)
+
+
+def _parse_exec(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
+    kw = ins.keyword
+    if ins.exec_form is not None:
+        if kw == "SHELL" and not ins.exec_form:
+            raise InvalidValue('SHELL needs at least one word, as in SHELL ["/bin/sh", "-c"].')
+        return ExecCommand(ins, ins.exec_form, shell_form=False)
+    if kw == "SHELL":
+        raise InvalidValue('SHELL must be a JSON array, as in SHELL ["/bin/bash", "-c"].')
+    if not ins.args:
+        raise InvalidValue(f"{kw} needs a command (or {kw} [] for none).")
+    return ExecCommand(ins, (ins.args,), shell_form=True)
+
+
+def _parse_run(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
+    network = flags.get("network", "default")
+    if network not in _NETWORKS:
+        raise InvalidValue(f"RUN --network={network} is not supported; use default, none or host.")
+    security = flags.get("security", "sandbox")
+    if security not in _SECURITY:
+        raise InvalidValue(f"RUN --security={security} is not supported; use sandbox or insecure.")
+    if ins.exec_form is not None:
+        if not ins.exec_form:
+            raise InvalidValue("RUN needs a command; [] runs nothing.")
+        command, shell_form = ins.exec_form, False
+    elif ins.args:
+        command, shell_form = (ins.args,), True
+    else:
+        raise InvalidValue("RUN needs a command.")
+    return RunCommand(ins, command, shell_form, tuple(flags.get("mount", [])), network, security)
+
+
+def _parse_copy(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
+    kw = ins.keyword
+    words = list(ins.exec_form) if ins.exec_form is not None else split_fields(ins.args)
+    if len(words) < 2:
+        raise InvalidValue(f"{kw} needs at least one source and a destination: {kw} SRC... DEST.")
+    *sources, dest = words
+    if ins.exec_form is None and parse_heredoc_word(dest) is not None:
+        raise InvalidValue(f"{kw} cannot take a heredoc as its destination.")
+    bodies = {doc.name: doc for doc in ins.heredocs}
+    paths: list[str] = []
+    contents: list[Heredoc] = []
+    for source in sources:
+        doc = parse_heredoc_word(source) if ins.exec_form is None else None
+        if doc is None:
+            paths.append(source)
+        else:
+            body = bodies.get(doc.name, doc)
+            contents.append(Heredoc(doc.name, body.content, doc.expand, doc.strip_tabs))
+    return CopyCommand(ins, tuple(paths), dest, tuple(contents), flags)
+
+
+def _parse_value(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
+    if not ins.args:
+        raise InvalidValue(f"{ins.keyword} needs exactly one argument.")
+    return ValueCommand(ins, ins.args)
+
+
+def _parse_list(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
+    values = ins.exec_form if ins.exec_form is not None else tuple(split_fields(ins.args))
+    if not values:
+        what = "port" if ins.keyword == "EXPOSE" else "path"
+        raise InvalidValue(f"{ins.keyword} needs at least one {what}.")
+    if any(not value.strip(GO_SPACE) for value in values):
+        raise InvalidValue("VOLUME paths cannot be empty.")
+    return ListCommand(ins, tuple(values))
+
+
+def _parse_healthcheck(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
+    kind, *rest = _WORD_SPACE.split(ins.args, maxsplit=1) if ins.args else [""]
+    command = rest[0].lstrip(GO_SPACE) if rest else ""
+    if kind.upper() == "NONE":
+        if command or flags:
+            raise InvalidValue("HEALTHCHECK NONE takes no arguments and no flags.")
+        return HealthcheckCommand(ins, ("NONE",), (), 0)
+    if kind.upper() != "CMD":
+        raise InvalidValue(f"HEALTHCHECK needs NONE or CMD <command>, not {kind or 'nothing'!r}.")
+    try:
+        exec_form = parse_exec_form(command)
+    except ValueError as exc:
+        raise InvalidValue(f"HEALTHCHECK CMD {exc}") from exc
+    if exec_form is not None and exec_form:
+        test: tuple[str, ...] = ("CMD", *exec_form)
+    elif exec_form is None and command:
+        test = ("CMD-SHELL", command)
+    else:
+        raise InvalidValue("HEALTHCHECK CMD needs a command.")
+    durations = []
+    for name, key in _DURATION_FLAGS.items():
+        nanos = _duration(ins, name, flags[name]) if name in flags else 0
+        if nanos:
+            durations.append((key, nanos))
+    return HealthcheckCommand(ins, test, tuple(durations), _retries(ins, flags.get("retries")))
+
+
+_DURATION_FLAGS = {
+    "interval": "Interval",
+    "timeout": "Timeout",
+    "start-period": "StartPeriod",
+    "start-interval": "StartInterval",
+}
+_DURATION = re.compile(r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+|[-+]?0")
+_UNITS = {
+    "ns": 1,
+    "us": 10**3,
+    "µs": 10**3,
+    "μs": 10**3,
+    "ms": 10**6,
+    "s": 10**9,
+    "m": 60 * 10**9,
+    "h": 3600 * 10**9,
+}
+
+
+def _duration(ins: Instruction, name: str, text: str) -> int:
+    """A Go duration (``30s``, ``1m30s``, ``1.5h``) in nanoseconds; 0 means the default."""
+    if not text:
+        return 0
+    if not _DURATION.fullmatch(text):
+        raise InvalidValue(f"--{name}={text} is not a duration; write it as 30s, 1m30s or 500ms.")
+    parts = re.findall(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)", text)
+    nanos = round(sum(float(number) * _UNITS[unit] for number, unit in parts))
+    nanos = -nanos if text.startswith("-") else nanos
+    if nanos and nanos < 10**6:
+        raise InvalidValue(f"--{name}={text} is too short: the least is 1ms.")
+    return nanos
+
+
+def _retries(ins: Instruction, text: str | None) -> int:
+    if text is None or text == "":
+        return 0
+    if not re.fullmatch(r"[-+]?\d+", text) or abs(int(text)) >= 2**31:
+        raise InvalidValue(f"--retries={text} is not a whole number.")
+    if int(text) < 0:
+        raise InvalidValue(f"--retries={text} cannot be negative.")
+    return int(text)
+
+
+def _parse_onbuild(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
+    trigger = ins.trigger
+    if trigger is None:
+        raise InvalidValue("ONBUILD needs an instruction to run in a downstream build.")
+    if trigger.keyword in ("ONBUILD", "FROM", "MAINTAINER"):
+        raise InvalidValue(f"ONBUILD cannot trigger {trigger.keyword}.")
+    expression = re.sub(r"(?i)^\s*ONBUILD\s*", "", ins.source)
+    expression += "".join(f"\n{doc.content}{doc.name}" for doc in trigger.heredocs)
+    return OnbuildCommand(ins, expression, parse_command(trigger, df))
+
+
+_PARSERS: dict[str, Callable[[Instruction, Flags, Dockerfile], Command]] = {
+    "FROM": _parse_from,
+    "ARG": _parse_arg,
+    "ENV": _parse_pairs,
+    "LABEL": _parse_pairs,
+    "RUN": _parse_run,
+    "CMD": _parse_exec,
+    "ENTRYPOINT": _parse_exec,
+    "SHELL": _parse_exec,
+    "COPY": _parse_copy,
+    "ADD": _parse_copy,
+    "WORKDIR": _parse_value,
+    "USER": _parse_value,
+    "STOPSIGNAL": _parse_value,
+    "MAINTAINER": _parse_value,
+    "EXPOSE": _parse_list,
+    "VOLUME": _parse_list,
+    "HEALTHCHECK": _parse_healthcheck,
+    "ONBUILD": _parse_onbuild,
+}
+
+
+# Values the plan checks after expansion.
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A ``RUN --mount``, defaults filled in; ``target`` is absolute (empty for an env-only secret)."""
+
+    type: str  # bind | cache | tmpfs | secret | ssh
+    target: str
+    source: str = ""  # bind, cache: the path inside ``from`` (or the context); secret: its id
+    from_stage: int | None = None
+    from_image: str | None = None  # bind, cache: an image; neither: the build context (cache: empty)
+    readonly: bool = False
+    id: str = ""  # cache, secret, ssh
+    sharing: str = ""  # cache: shared | private | locked
+    required: bool = False  # secret, ssh
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None  # tmpfs, in bytes
+    env: str | None = None  # secret: also (or only) exposed as this environment variable
+
+
+_MOUNT_TYPES = ("bind", "cache", "tmpfs", "secret", "ssh")
+_MOUNT_KEYS = {
+    "type": "type", "from": "from", "source": "source", "src": "source", "target": "target",
+    "dst": "target", "destination": "target", "readonly": "readonly", "ro": "readonly",
+    "readwrite": "readwrite", "rw": "readwrite", "required": "required", "id": "id",
+    "sharing": "sharing", "mode": "mode", "uid": "uid", "gid": "gid", "size": "size", "env": "env",
+}  # fmt: skip
+_MOUNT_ONLY = {
+    "sharing": ("cache",), "mode": ("cache", "secret", "ssh"), "uid": ("cache", "secret", "ssh"),
+    "gid": ("cache", "secret", "ssh"), "required": ("secret", "ssh"), "size": ("tmpfs",), "env": ("secret",),
+    "from": ("bind", "cache"), "source": ("bind", "cache", "secret"),
+}  # fmt: skip
+_GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")
+_GO_FALSE = ("0", "f", "F", "FALSE", "false", "False")
+_SIZE = re.compile(r"(\d+(?:\.\d+)*) ?([kKmMgGtTpP])?[iI]?[bB]?")
+_SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "p": 2**50}
+
+
+def _go_bool(key: str, value: str) -> bool:
+    if value in _GO_TRUE or value in _GO_FALSE:
+        return value in _GO_TRUE
+    raise InvalidValue(f"--mount {key}={value} is not a boolean; use true or false.")
+
+
+def _mount_fields(spec: str, expand: Callable[[str], str]) -> dict[str, str]:
+    """The ``key=value`` fields of a --mount value, keys canonical, values expanded."""
+    try:
+        rows = list(csv.reader([spec], strict=True))
+    except csv.Error as exc:
+        raise InvalidValue(f"--mount={spec} is not a valid comma-separated list: {exc}.") from exc
+    fields: dict[str, str] = {}
+    for field in rows[0] if rows else []:
+        name, eq, value = field.partition("=")
+        key = _MOUNT_KEYS.get(name.lower())
+        if key is None:
+            raise InvalidValue(f"unknown --mount option {name!r}{suggest(name.lower(), list(_MOUNT_KEYS))}")
+        if not eq:
+            if key not in ("readonly", "readwrite", "required"):
+                raise InvalidValue(f"the --mount option {name!r} needs a value: {name}=<value>.")
+            value = "true"
+        elif key == "from" and re.search(r"\$.", value):
+            raise InvalidValue(
+                f"--mount from={value}: variables are not expanded here; name a stage instead."
+            )
+        fields[key] = expand(value)
+    return fields
+
+
+def _mount_type(fields: dict[str, str]) -> str:
+    kind = fields.get("type", "bind").lower()
+    if kind not in _MOUNT_TYPES:
+        raise InvalidValue(f"unsupported --mount type {kind!r}{suggest(kind, list(_MOUNT_TYPES))}")
+    for key, types in _MOUNT_ONLY.items():
+        if key in fields and kind not in types:
+            raise InvalidValue(f"--mount type={kind} does not take {key}=; only {' and '.join(types)} mounts do.")
+    return kind
+
+
+def _number(key: str, value: str, base: int) -> int:
+    digits = "[0-7]+" if base == 8 else "[0-9]+"
+    if not re.fullmatch(digits, value) or int(value, base) >= 2**32:
+        raise InvalidValue(f"--mount {key}={value} is not a valid {'octal ' if base == 8 else ''}number.")
+    return int(value, base)
+
+
+def _size(value: str) -> int:
+    match = _SIZE.fullmatch(value)
+    if match is None or match[1].count(".") > 1:
+        raise InvalidValue(f"--mount size={value} is not a size such as 64m or 1g.")
+    return int(float(match[1]) * _SIZE_UNITS[(match[2] or "").lower()])
+
+
+def parse_mount(
+    spec: str,
+    expand: Callable[[str], str],
+    *,
+    workdir: str,
+    ssh_index: int,
+    resolve_from: Callable[[str], tuple[int | None, str | None]],
+) -> Mount:
+    """A ``RUN --mount`` value, as BuildKit reads it, with its defaults filled in."""
+    fields = _mount_fields(spec, expand)
+    kind = _mount_type(fields)
+    target = fields.get("target", "")
+    if target:
+        target = posixpath.normpath(posixpath.join(workdir, target))
+        target = "/" + target.lstrip("/")
+    elif kind in ("bind", "cache", "tmpfs"):
+        raise InvalidValue(f"--mount type={kind} needs a target: target=<path>.")
+    if kind in ("bind", "cache", "tmpfs") and target == "/":
+        raise InvalidValue(f"--mount type={kind} cannot be mounted on /.")
+    readonly = kind not in ("cache", "tmpfs")
+    if "readonly" in fields:
+        readonly = _go_bool("readonly", fields["readonly"])
+    if "readwrite" in fields:
+        readonly = not _go_bool("readwrite", fields["readwrite"])
+    from_stage, from_image = resolve_from(fields["from"]) if fields.get("from") else (None, None)
+    mount = Mount(
+        kind,
+        target,
+        source=fields.get("source", ""),
+        from_stage=from_stage,
+        from_image=from_image,
+        readonly=readonly,
+        id=fields.get("id", ""),
+        sharing=fields.get("sharing", "").lower(),
+        required=_go_bool("required", fields["required"]) if "required" in fields else False,
+        mode=_number("mode", fields["mode"], 8) if "mode" in fields else None,
+        uid=_number("uid", fields["uid"], 10) if "uid" in fields else None,
+        gid=_number("gid", fields["gid"], 10) if "gid" in fields else None,
+        size=_size(fields["size"]) if "size" in fields else None,
+        env=fields.get("env"),
+    )
+    return _mount_defaults(mount, ssh_index)
+
+
+def _mount_defaults(mount: Mount, ssh_index: int) -> Mount:
+    changes: dict[str, Any] = {}
+    if mount.type == "cache":
+        if mount.sharing not in ("", "shared", "private", "locked"):
+            raise InvalidValue(f"--mount sharing={mount.sharing} is not one of shared, private or locked.")
+        changes = {"id": mount.id or mount.target, "sharing": mount.sharing or "shared"}
+    elif mount.type == "secret":
+        if mount.source and mount.id:
+            raise InvalidValue("a secret --mount takes source= or id=, not both.")
+        secret = mount.id or mount.source or posixpath.basename(mount.target)
+        if not secret:
+            raise InvalidValue("a secret --mount needs an id (or a target to name it after).")
+        target = mount.target or ("" if mount.env else f"/run/secrets/{secret}")
+        changes = {"id": secret, "source": "", "target": target}
+    elif mount.type == "ssh":
+        changes = {
+            "id": mount.id or "default",
+            "target": mount.target or f"/run/buildkit/ssh_agent.{ssh_index}",
+        }
+    return dataclasses.replace(mount, **changes)
+
+
+_CHMOD_SYMBOLIC = re.compile(r"[ugoa]*(?:[-+=](?:[rwxXst]*|[ugo]))+|[-+=][0-7]+")
+
+
+def check_chmod(text: str) -> None:
+    """``--chmod``: octal up to 7777, or chmod(1)'s symbolic clauses (``u=rwX,go=rX``, ``+x``)."""
+    if re.fullmatch(r"[0-7]+", text) and int(text, 8) <= 0o7777:
+        return
+    if text and all(_CHMOD_SYMBOLIC.fullmatch(clause) for clause in text.split(",")):
+        return
+    raise InvalidValue(f"--chmod={text} is not a mode: use octal (0755) or symbolic (u=rwX,go=rX).")
+
+
+def parse_ports(spec: str) -> list[str]:
+    """One EXPOSE word (``80``, ``80/udp``, ``8000-8002``) as ``port/proto`` keys, ranges expanded."""
+    container = spec.rsplit(":", 1)[-1]  # BuildKit tolerates (and ignores) ip:hostport: prefixes
+    port, _, proto = container.partition("/")
+    proto = proto.lower() or "tcp"
+    if proto not in ("tcp", "udp", "sctp"):
+        raise InvalidValue(f"EXPOSE {spec}: invalid protocol {proto!r}; use tcp, udp or sctp.")
+    match = re.fullmatch(r"(\d+)(?:-(\d+))?", port)
+    start, end = (int(match[1]), int(match[2] or match[1])) if match else (0, -1)
+    if match is None or end > 65535 or end < start:
+        raise InvalidValue(f"EXPOSE {spec}: {port!r} is not a port or port range (0-65535).")
+    return [f"{number}/{proto}" for number in range(start, end + 1)]
+
+
+_SIGNALS = frozenset(
+    {
+        "ABRT", "ALRM", "BUS", "CHLD", "CLD", "CONT", "FPE", "HUP", "ILL", "INT", "IO", "IOT", "KILL",
+        "PIPE", "POLL", "PROF", "PWR", "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM", "TRAP", "TSTP",
+        "TTIN", "TTOU", "URG", "USR1", "USR2", "VTALRM", "WINCH", "XCPU", "XFSZ", "RTMIN", "RTMAX",
+    }
+    | {f"RTMIN+{n}" for n in range(1, 16)}
+    | {f"RTMAX-{n}" for n in range(1, 15)}
+)  # fmt: skip
+
+
+def check_signal(text: str) -> None:
+    """A stop signal: a Linux signal name, with or without SIG, or a non-zero number."""
+    if re.fullmatch(r"[-+]?\d+", text) and int(text) != 0:
+        return
+    if text.upper().removeprefix("SIG") in _SIGNALS:
+        return
+    raise InvalidValue(f"STOPSIGNAL {text!r} is not a signal; use a name such as SIGTERM or a number.")
+
+
+def check_platform(text: str) -> None:
+    """``os[/arch[/variant]]``, as containerd's platforms.Parse takes it."""
+    parts = text.split("/")
+    if len(parts) > 3 or not all(re.fullmatch(r"[A-Za-z0-9_.-]+(\([^)]*\))?", part) for part in parts):
+        raise InvalidValue(f"invalid platform {text!r}: write os/arch[/variant], for example linux/amd64.")
