@@ -65,26 +65,57 @@ class Sample:
         phases = dict(self.phases)
         for name, value in other.phases.items():
             phases[name] = phases.get(name, 0.0) + value
+        notes = {**self.notes, **other.notes}
+        for name in ("other_cpu", "waited"):
+            notes[name] = self.notes.get(name, 0.0) + other.notes.get(name, 0.0)
         return Sample(
-            self.wall + other.wall,
-            self.cpu + other.cpu,
-            max(self.peak_mib, other.peak_mib),
-            phases,
-            {**self.notes, **other.notes},
+            self.wall + other.wall, self.cpu + other.cpu, max(self.peak_mib, other.peak_mib), phases, notes
         )
 
 
-def _run_measured(argv: Sequence[str], env: dict[str, str], log: Path) -> tuple[float, float, int]:
-    """Run ``argv``; (wall seconds, CPU seconds of it and its reaped children, exit status)."""
+@dataclass(frozen=True)
+class _Measured:
+    wall: float
+    cpu: float  # of the command and its reaped children
+    status: int
+    busy: float  # CPU seconds the whole machine spent meanwhile, whoever spent them
+
+
+def machine_busy() -> float:
+    """CPU seconds all cores have been busy since boot (user, nice, system, irq, softirq, steal)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / _TICKS
+
+
+# Seconds to wait, before each timed command, for other work on the machine to calm down.
+QUIET = {"wait": 0.0, "cores": 0.3}
+
+
+def wait_for_quiet() -> float:
+    """Wait (at most ``QUIET["wait"]`` s) until the machine is nearly idle; the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < QUIET["wait"]:
+        before = machine_busy()
+        time.sleep(1.0)
+        if machine_busy() - before < QUIET["cores"]:
+            break
+    return time.monotonic() - started
+
+
+def _run_measured(argv: Sequence[str], env: dict[str, str], log: Path) -> _Measured:
+    """Run ``argv`` with its output appended to ``log``; its wall and CPU time, and the machine's."""
     with log.open("ab") as out:
         out.write(f"$ {' '.join(argv)}\n".encode())
         out.flush()
+        busy = machine_busy()
         started = time.perf_counter()
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
+        busy = machine_busy() - busy
         proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, usage.ru_utime + usage.ru_stime, proc.returncode
+    return _Measured(wall, usage.ru_utime + usage.ru_stime, proc.returncode, busy)
 
 
 def _tail(log: Path, lines: int = 30) -> str:
@@ -171,7 +202,7 @@ class BuilderEngine:
 
     def _cli(self, *args: str, root: Path) -> None:
         argv = [sys.executable, str(PROBE), *args, "--root", str(root)]
-        _, _, status = _run_measured(argv, self.env, self.log)
+        status = _run_measured(argv, self.env, self.log).status
         if status != 0:
             raise EngineError(f"builder {' '.join(args)} failed ({status}):\n{_tail(self.log)}")
 
@@ -205,11 +236,14 @@ class BuilderEngine:
         if self.profile_dir is not None:
             env["BENCH_CPROFILE"] = str(self.profile_dir / f"{tag.replace(':', '-')}.prof")
         os.sync()  # earlier runs' dirty pages are not this run's work
-        wall, cpu, status = _run_measured(argv, env, self.log)
-        if status != 0:
-            raise EngineError(f"builder build of {context} failed ({status}):\n{_tail(self.log)}")
+        waited = wait_for_quiet()
+        measured = _run_measured(argv, env, self.log)
+        if measured.status != 0:
+            raise EngineError(f"builder build of {context} failed ({measured.status}):\n{_tail(self.log)}")
         report = json.loads(phases_file.read_text())
-        sample = Sample(wall, cpu, report["peak_kib"] / 1024, dict(report["phases"]))
+        sample = Sample(measured.wall, measured.cpu, report["peak_kib"] / 1024, dict(report["phases"]))
+        sample.notes["other_cpu"] = max(0.0, measured.busy - measured.cpu)
+        sample.notes["waited"] = waited
         sample.notes["marks"] = report["marks"]
         sample.notes["counts"] = report["counts"]
         if oci_dest is not None:
@@ -361,11 +395,15 @@ class BuildKitEngine:
         pids = self._pids()
         assert self.dockerd is not None
         _reset_hwm(self.dockerd.pid)
+        waited = wait_for_quiet()
         before = {pid: _proc_cpu(pid) for pid in pids}
-        wall, client_cpu, status = _run_measured(argv, self.env, log)
-        daemon_cpu = sum(_proc_cpu(pid) - start for pid, start in before.items())
+        measured = _run_measured(argv, self.env, log)
+        cpu = measured.cpu + sum(_proc_cpu(pid) - start for pid, start in before.items())
         peak = _proc_hwm_kib(self.dockerd.pid) / 1024
-        return Sample(wall, client_cpu + daemon_cpu, peak), status
+        sample = Sample(measured.wall, cpu, peak)
+        sample.notes["other_cpu"] = max(0.0, measured.busy - cpu)
+        sample.notes["waited"] = waited
+        return sample, measured.status
 
     def build(
         self,

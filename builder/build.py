@@ -86,7 +86,10 @@ class BuildResult:
 def _image_state(store: Store, ref: str, request: BuildRequest, log: Log) -> ImageState:
     """A base image from the store, pulled first when the reference names a registry and the
     store does not hold it (or always, with ``request.pull``)."""
-    _, manifest, config = fetch_image(store, ref, request.registry, log, pull=request.pull)
+    try:
+        _, manifest, config = fetch_image(store, ref, request.registry, log, pull=request.pull)
+    except BuilderError as exc:  # the Dockerfile names the image: say which file
+        raise DockerfileError(str(exc), filename=str(request.dockerfile_path)) from exc
     diff_ids = config["rootfs"]["diff_ids"]
     layers = [Layer(diff_id, desc) for diff_id, desc in zip(diff_ids, manifest["layers"], strict=True)]
     return ImageState(config, layers)
@@ -116,7 +119,8 @@ def plan_build(
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DockerfileError(f"is not UTF-8 text (byte {exc.start})", filename=str(path)) from exc
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DockerfileError(f"is not UTF-8 text (byte {exc.start})", filename=str(path), line=line) from exc
     dockerfile = parse_dockerfile(text, str(path))
     auto_args = platform_args("linux", host_arch())
     bases = base_images(dockerfile, request.build_args, auto_args)

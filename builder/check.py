@@ -17,6 +17,7 @@ lock (as prune does), so no build, load or pull changes the store meanwhile.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -28,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from builder.digest import is_digest
-from builder.errors import StoreError
 from builder.layer import open_layer
 from builder.oci import INDEX_MEDIA_TYPES, LAYER_COMPRESSIONS
 from builder.store import Store
@@ -94,6 +94,18 @@ def _valid_descriptor(desc: object) -> bool:
         and type(desc.get("size")) is int
         and desc["size"] >= 0
     )
+
+
+def _is_number(value: object) -> bool:
+    return type(value) in (int, float)
+
+
+def _diff_ids(config: object) -> list[str] | None:
+    rootfs = config.get("rootfs") if isinstance(config, dict) else None
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if isinstance(diff_ids, list) and all(isinstance(d, str) for d in diff_ids):
+        return diff_ids
+    return None
 
 
 def _read_json(path: Path) -> Any:
@@ -177,41 +189,44 @@ class _Checker:
             if path.suffix != ".json" or not is_digest(diff_id) or not isinstance(record, list):
                 self.problem(path, "the layer index record does not parse.", _remove(path))
                 continue
-            good = [desc for desc in record if self.layer_problem(desc, diff_id) is None]
-            for desc in record:
-                reason = self.layer_problem(desc, diff_id)
-                if reason is not None:
-                    self.problem(path, f"an entry is wrong: {reason}.", self._rewrite_index(path, good))
+            checked = [(desc, self.layer_problem(desc, diff_id)) for desc in record]
+            reasons = [reason for _, reason in checked if reason is not None]
+            if reasons:
+                good = [desc for desc, reason in checked if reason is None]
+                repair = self._rewrite_index(diff_id, path, good)
+                self.problem(path, f"entries of the layer index are wrong: {'; '.join(reasons)}.", repair)
 
-    def _rewrite_index(self, path: Path, good: list[Json]) -> Callable[[], None]:
+    def _rewrite_index(self, diff_id: str, path: Path, good: list[Json]) -> Callable[[], None]:
         def rewrite() -> None:
             path.unlink(missing_ok=True)
             for desc in good:
-                self.store.add_layer_blob(f"sha256:{path.stem}", desc)
+                self.store.add_layer_blob(diff_id, desc)
 
         return rewrite
 
     def cache_records(self) -> None:
         for path in self.entries("cache records", "cache"):
             record = _read_json(path)
-            layer = record.get("layer", ...) if isinstance(record, dict) else ...
-            valid = path.suffix == ".json" and is_digest(f"sha256:{path.stem}")
-            if not valid or not isinstance(record.get("created") if isinstance(record, dict) else None, int | float):
+            named = path.suffix == ".json" and is_digest(f"sha256:{path.stem}")
+            if not named or not isinstance(record, dict) or not _is_number(record.get("created")):
                 self.problem(path, "the cache record does not parse.", _remove(path))
-            elif layer is not None:
-                self.cache_layer(path, layer)
+            elif "layer" not in record:
+                self.problem(path, "the cache record does not say if the step made a layer.", _remove(path))
+            elif record["layer"] is not None:
+                self.cache_layer(path, record["layer"])
 
     def cache_layer(self, path: Path, layer: object) -> None:
         diff_id = layer.get("diff_id") if isinstance(layer, dict) else None
         if not isinstance(layer, dict) or not isinstance(diff_id, str) or not is_digest(diff_id):
             self.problem(path, "the cache record names no layer.", _remove(path))
             return
-        reason = self.layer_problem(layer.get("blob"), diff_id)
-        if reason is not None:
+        desc = layer.get("blob")
+        reason = self.layer_problem(desc, diff_id)
+        if reason is not None or not isinstance(desc, dict):
             self.problem(path, f"the cached step's layer is lost: {reason}.", _remove(path))
-        elif layer["blob"]["digest"] not in [d.get("digest") for d in self.store.layer_blobs(diff_id)]:
-            add = lambda: self.store.add_layer_blob(diff_id, layer["blob"])  # noqa: E731
-            self.problem(path, f"the layer index does not list its blob for layer {diff_id}.", add)
+        elif desc["digest"] not in [d.get("digest") for d in self.store.layer_blobs(diff_id)]:
+            add = functools.partial(self.store.add_layer_blob, diff_id, desc)
+            self.problem(path, f"the layer index does not list the blob of layer {diff_id}.", add)
 
     # images
 
@@ -227,30 +242,31 @@ class _Checker:
                 self.problem(path, f"the image {name} is damaged: {reason}; load or pull it again.")
 
     def image_problems(self, digest: str) -> list[str]:
+        """What is wrong with the stored image (or index) ``digest``: each a sentence fragment."""
         if digest not in self.sizes:
             return [f"its manifest {digest} is missing or corrupt"]
         manifest = _read_json(self.store.blob_path(digest))
-        if not isinstance(manifest, dict):
-            return [f"its manifest {digest} is not a JSON object"]
-        if manifest.get("mediaType") in INDEX_MEDIA_TYPES:
+        if isinstance(manifest, dict) and manifest.get("mediaType") in INDEX_MEDIA_TYPES:
             entries = [e for e in manifest.get("manifests") or [] if _valid_descriptor(e)]
             stored = [str(e["digest"]) for e in entries if e["digest"] in self.sizes]
             if not stored:
                 return [f"its index {digest} names no stored manifest"]
             return [reason for entry in stored for reason in self.image_problems(entry)]
-        config, layers = manifest.get("config"), manifest.get("layers")
-        if not _valid_descriptor(config) or not isinstance(layers, list) or not isinstance(config, dict):
+        config = manifest.get("config") if isinstance(manifest, dict) else None
+        layers = manifest.get("layers") if isinstance(manifest, dict) else None
+        if not isinstance(config, dict) or not _valid_descriptor(config) or not isinstance(layers, list):
             return [f"its manifest {digest} is not an image manifest"]
-        reasons = [r for r in [self.blob_problem(config)] if r is not None]
-        document = _read_json(self.store.blob_path(config["digest"])) if not reasons else {}
-        diff_ids = (document.get("rootfs") or {}).get("diff_ids") if isinstance(document, dict) else None
-        if not reasons and (not isinstance(diff_ids, list) or len(diff_ids) != len(layers)):
-            reasons.append(f"its config {config['digest']} does not list one diff_id per layer")
-            diff_ids = None
-        for index, desc in enumerate(layers):
-            reason = self.layer_problem(desc, str(diff_ids[index])) if diff_ids else None
-            if reason is not None or not _valid_descriptor(desc):
-                reasons.append(f"layer {index + 1}: {reason or 'not a valid descriptor'}")
+        missing = self.blob_problem(config)
+        if missing is not None:
+            return [f"its config: {missing}"]
+        diff_ids = _diff_ids(_read_json(self.store.blob_path(config["digest"])))
+        if diff_ids is None or len(diff_ids) != len(layers):
+            return [f"its config {config['digest']} does not list one diff_id per layer"]
+        reasons = []
+        for number, (desc, diff_id) in enumerate(zip(layers, diff_ids, strict=True), 1):
+            reason = self.layer_problem(desc, diff_id)
+            if reason is not None:
+                reasons.append(f"layer {number}: {reason}")
         return reasons
 
     # snapshots, links and temp files
@@ -270,8 +286,9 @@ class _Checker:
     def links(self) -> None:
         for link in self.entries("short links", "l"):
             target = os.readlink(link) if link.is_symlink() else ""
-            expected = f"../snapshots/{'empty' if link.name == 'empty' else ''}"
-            if not target.startswith(expected) or not link.exists():
+            name = target.removeprefix("../snapshots/")
+            home = name.startswith(link.name) and (name == "empty" or is_digest(f"sha256:{name}"))
+            if not target.startswith("../snapshots/") or not home or not link.exists():
                 self.problem(link, "the short layer link is dangling or points elsewhere.", _remove(link))
 
     def temp(self) -> None:
@@ -300,7 +317,3 @@ def _diff_id(path: Path) -> str | None:
     except Exception:  # any decoder's error: zlib, zstandard, lzma, EOFError
         return None
     return "sha256:" + hasher.hexdigest()
-
-
-def _unused(error: StoreError) -> None:
-    raise error

@@ -14,6 +14,7 @@ from types import FrameType
 
 from builder.build import BuildRequest, build, plan_build, resolve_image
 from builder.cacheio import parse_cache_spec
+from builder.check import check_store
 from builder.distribution import pull_image
 from builder.errors import BuilderError, SandboxError
 from builder.export import OUTPUT_KINDS, Output, parse_output, write_output
@@ -186,6 +187,13 @@ def _parser() -> argparse.ArgumentParser:
     du = commands.add_parser("du", help="show the store's disk usage")
     _store_args(du)
     du.set_defaults(handler=_du)
+
+    check = commands.add_parser("check", help="verify every blob, record, tag and snapshot of the store")
+    check.add_argument(
+        "--repair", action="store_true", help="remove what is corrupt or stale (images are only reported)"
+    )
+    _store_args(check)
+    check.set_defaults(handler=_check)
     return parser
 
 
@@ -448,6 +456,19 @@ def _prune(args: argparse.Namespace, store: Store) -> int:
         f"reclaimed {result.reclaimed / 1e6:.1f} MB"
     )
     return 0
+
+
+def _check(args: argparse.Namespace, store: Store) -> int:
+    result = check_store(store, repair=args.repair)
+    for problem in result.problems:
+        status = "repaired" if problem in result.repaired else "problem"
+        print(f"{status}: {problem.path}: {problem.message}")
+    checked = ", ".join(f"{count} {kind}" for kind, count in result.checked.items())
+    summary = f"checked {checked}: {len(result.problems)} problems, {len(result.repaired)} repaired"
+    if any(problem.repair for problem in result.remaining):
+        summary += "; builder check --repair removes what is corrupt or stale"
+    print(summary + ".", file=sys.stderr)
+    return EXIT_ERROR if result.remaining else 0
 
 
 def _du(args: argparse.Namespace, store: Store) -> int:

@@ -38,14 +38,17 @@ INSTRUCTIONS = frozenset(
         "WORKDIR",
     }
 )  # fmt: skip
-# Go's unicode.IsSpace for the characters that matter here; Python's isspace adds \x1c-\x1f.
-GO_SPACE = " \t\n\v\f\r\x85\xa0"
+# Go's unicode.IsSpace; Python's isspace also counts \x1c-\x1f, which Go does not.
+GO_SPACE = (
+    " \t\n\v\f\r\x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+)
 _EXEC_FORM = frozenset({"RUN", "CMD", "ENTRYPOINT", "SHELL", "COPY", "ADD", "VOLUME"})
 _HEREDOC_FORM = frozenset({"RUN", "COPY", "ADD"})
 _DIRECTIVES = frozenset({"syntax", "escape", "check"})
-_DIRECTIVE = re.compile(r"([a-zA-Z][a-zA-Z0-9]*)[\t\n\f\r ]*=[\t\n\f\r ]*(.+?)[\t\n\f\r ]*")
+# Go regexp \s is [\t\n\f\r ]; the value is right-stripped separately (a lazy match would backtrack).
+_DIRECTIVE = re.compile(r"([a-zA-Z][a-zA-Z0-9]*)[\t\n\f\r ]*=[\t\n\f\r ]*(.*)")
 _WORD_SPACE = re.compile(r"[\t\v\f\r ]+")
-_HEREDOC_WORD = re.compile(r"(\d*)<<(-?)([^<]*)")
+_HEREDOC_WORD = re.compile(r"(\d*)<<(-?)[\t\n\f\r ]*([^<]*)")
 _BOM = "\ufeff"
 
 
@@ -102,8 +105,6 @@ def suggest(word: str, choices: list[str] | frozenset[str], *, prefix: str = "")
 
 def parse_dockerfile(text: str, filename: str = "Dockerfile") -> Dockerfile:
     """Parse Dockerfile text; raises DockerfileError naming ``filename`` and the line."""
-    if "\x00" in text:
-        raise DockerfileError("the file contains a NUL byte; is it a Dockerfile?", filename=filename)
     lines = text.removeprefix(_BOM).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -126,9 +127,10 @@ def _directives(lines: list[str], filename: str) -> tuple[tuple[str, str], ...]:
         if not line.startswith("#"):
             break
         match = _DIRECTIVE.fullmatch(line[1:].lstrip(GO_SPACE))
-        if match is None or match[1].lower() not in _DIRECTIVES:
+        value = match[2].rstrip("\t\n\f\r ") if match else ""
+        if match is None or not value or match[1].lower() not in _DIRECTIVES:
             break
-        key, value = match[1].lower(), match[2]
+        key = match[1].lower()
         if key in found:
             raise DockerfileError(
                 f"the parser directive {key!r} is given twice; each may appear only once.",
@@ -186,19 +188,25 @@ class _Scanner:
             return self.continuation.sub(r"\1", line), False
         return line, True
 
+    def next_line(self) -> str:
+        """The next line outside heredoc bodies, which alone may hold NUL bytes."""
+        line = self.lines[self.pos]
+        self.pos += 1
+        if "\x00" in line:
+            raise DockerfileError("the file contains a NUL byte; is it a Dockerfile?", filename=self.filename)
+        return line.rstrip("\r\n")
+
     def next_instruction(self) -> Instruction | None:
         while self.pos < len(self.lines):
-            self.pos += 1
-            start = self.pos
-            line = self.lines[start - 1].rstrip("\r\n").lstrip(GO_SPACE)
+            start = self.pos + 1
+            line = self.next_line().lstrip(GO_SPACE)
             line, done = self.trim_continuation("" if line.startswith("#") else line)
             if done and not line:
                 continue
             parts = [line]
             empty = False
             while not done and self.pos < len(self.lines):
-                raw = self.lines[self.pos].rstrip("\r\n")
-                self.pos += 1
+                raw = self.next_line()
                 if _is_comment(raw):
                     continue
                 if not raw.lstrip(GO_SPACE):
@@ -233,7 +241,9 @@ class _Scanner:
             candidate = raw.rstrip("\r\n")
             if (candidate.lstrip("\t") if doc.strip_tabs else candidate) == doc.name:
                 return Heredoc(doc.name, "".join(body), doc.expand, doc.strip_tabs)
-            body.append(raw + "\n")
+            # BuildKit keeps the \r of CRLF lines in the body, an open bug (moby/buildkit#4282)
+            # that breaks every script written on Windows; the line ending becomes \n here.
+            body.append(raw.removesuffix("\r") + "\n")
         raise self.error(
             f"unterminated heredoc <<{doc.name}: no line {doc.name!r} ends it before the end of the file.",
             start,
@@ -322,6 +332,8 @@ def parse_exec_form(args: str) -> tuple[str, ...] | None:
         return None
     try:
         parsed = json.loads(text)
+    except RecursionError:  # deeply nested arrays: valid JSON to Go, and not strings
+        parsed = [None]
     except ValueError:
         return None
     if not isinstance(parsed, list):
@@ -353,20 +365,33 @@ def parse_heredoc_word(word: str) -> Heredoc | None:
 
 
 def _raw_words(line: str) -> list[str]:
-    """Split on white space outside quotes, keeping quotes and backslash escapes as written."""
+    """Split on white space outside quotes, keeping quotes and backslash escapes as written.
+
+    As in BuildKit's lexer, white space right after ``<<`` or ``<<-`` stays in the word: ``<< EOF``
+    is one word.
+    """
     words: list[str] = []
     word: list[str] = []
     quote = ""
-    chars = iter(line)
-    for ch in chars:
+    pos = 0
+    while pos < len(line):
+        ch = line[pos]
+        pos += 1
         if ch == "\\" and quote != "'":
-            word += [ch, next(chars, "")]
+            word.append(line[pos - 1 : pos + 1])
+            pos += 1
         elif quote:
             word.append(ch)
             quote = "" if ch == quote else quote
         elif ch in "'\"":
             quote = ch
             word.append(ch)
+        elif ch == "<" and line.startswith("<", pos):
+            end = pos + 2 if line.startswith("-", pos + 1) else pos + 1
+            while end < len(line) and line[end] in GO_SPACE:
+                end += 1
+            word.append(line[pos - 1 : end])
+            pos = end
         elif ch in GO_SPACE:
             if word:
                 words.append("".join(word))

@@ -7,6 +7,7 @@ same text here as under BuildKit; the few deliberate differences are marked wher
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -18,8 +19,8 @@ __all__ = ["Expanded", "expand_word", "expand_words"]
 _SPECIAL_PARAMS = frozenset("@*#?-$!0")
 # Operators allowed after ``${NAME``, alone or behind ``:``; lex.go accepts ``:#`` and ``:%`` too.
 _OPERATORS = frozenset("-+?#%")
-# Go's unicode.IsSpace, which separates fields, does not count these; Python's isspace does.
-_NOT_GO_SPACE = frozenset("\x1c\x1d\x1e\x1f")
+# Go's unicode.IsSpace, which separates fields: Python's isspace (and \s) less \x1c-\x1f.
+_GO_SPACES = re.compile(r"[^\S\x1c-\x1f]+")
 # Pattern tokens: these two wildcards, or a literal character (always one character long).
 _STAR = "<*>"
 _ANY = "<?>"
@@ -54,10 +55,6 @@ def expand_words(
     return fields, frozenset(expander.used)
 
 
-def _is_space(ch: str) -> bool:
-    return ch.isspace() and ch not in _NOT_GO_SPACE
-
-
 class _Fields:
     """Collects fields as lex.go's wordsStruct does: whitespace separates only in unquoted text
     and in the results of ``$`` expansions; empty fields (as from ``""``) are dropped."""
@@ -67,11 +64,11 @@ class _Fields:
         self._current: list[str] = []
 
     def add(self, text: str) -> None:
-        for ch in text:
-            if _is_space(ch):
-                self._close()
-            else:
-                self._current.append(ch)
+        first, *rest = _GO_SPACES.split(text)  # by regex: a value may be megabytes long
+        self._current.append(first)
+        for part in rest:
+            self._close()
+            self._current.append(part)
 
     def add_raw(self, text: str) -> None:
         self._current.append(text)

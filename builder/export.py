@@ -190,7 +190,7 @@ def _layer_as(store: Store, desc: Json, diff_id: str, compression: Compression, 
     """A blob of layer ``diff_id`` in ``compression``: the given one, a stored one, or a new one."""
     for found in (desc, *store.layer_blobs(diff_id)):
         if LAYER_COMPRESSIONS.get(found.get("mediaType", "")) == compression.name:
-            return {"mediaType": compression.media_type, "digest": found["digest"], "size": found["size"]}
+            return {**found, "mediaType": compression.media_type}
     with store.blob_path(desc["digest"]).open("rb") as source, store.blob_writer() as writer:
         blob = compress_stream(open_layer(source), writer.file, compression=compression, level=level)
         if blob.diff_id != diff_id:

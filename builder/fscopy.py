@@ -140,19 +140,33 @@ def parse_chmod(text: str) -> Chmod:
 
 
 def make_dirs(root: Path, path: str, owner: Identity | None) -> None:
-    """Create the missing directories of a container path (0755, owned by ``owner``)."""
+    """Create the missing directories of a container path (0755, owned by ``owner``).
+
+    Each component is resolved inside ``root``; what is missing is made where the symlinks
+    lead, never through anything that is not a directory.
+    """
     current = "/"
     for part in [p for p in path.split("/") if p]:
         current = f"{current.rstrip('/')}/{part}"
         host = resolve_in_root(root, current)
-        if host.is_dir():
-            continue
-        if os.path.lexists(host):
-            raise ContextError(f"cannot create {path}: {current} exists and is not a directory.")
-        host.mkdir(mode=0o755)
-        os.chmod(host, 0o755)
-        if owner is not None:
-            os.chown(host, owner.uid, owner.gid)
+        if not _is_dir(host):
+            _make_physical(root, host, owner, path)
+
+
+def _make_physical(root: Path, host: Path, owner: Identity | None, wanted: str) -> None:
+    """Make ``host`` and its missing parents below ``root``, none of which may be a symlink."""
+    target = root
+    for part in host.relative_to(root).parts:
+        target = target / part
+        info = _lstat(target)
+        if info is not None and not stat.S_ISDIR(info.st_mode):
+            where = "/" + str(target.relative_to(root))
+            raise ContextError(f"cannot create {wanted}: {where} exists and is not a directory.")
+        if info is None:
+            target.mkdir(mode=0o755)
+            os.chmod(target, 0o755)
+            if owner is not None:
+                os.chown(target, owner.uid, owner.gid)
 
 
 def copy_sources(

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from builder.digest import is_digest
 from builder.errors import StoreError
 from builder.oci import INDEX_MEDIA_TYPES, Reference, parse_reference
 from builder.store import Store
@@ -117,12 +118,16 @@ def tag_key(ref: Reference) -> str:
 
 
 def resolve_image(store: Store, ref: str | Reference, wanted: Platform | None = None) -> ImageRecord:
-    """A stored image by reference: (manifest digest, manifest, config)."""
-    parsed = reference(ref) if isinstance(ref, str) else ref
-    digest = parsed.digest or (store.get_tag(tag_key(parsed)) if parsed.tag else None)
+    """A stored image by reference, or by its bare digest: (manifest digest, manifest, config)."""
+    digest: str | None = ref if isinstance(ref, str) and is_digest(ref) else None
+    shown = str(ref)
+    if digest is None:
+        parsed = reference(ref) if isinstance(ref, str) else ref
+        shown = parsed.familiar
+        digest = parsed.digest or (store.get_tag(tag_key(parsed)) if parsed.tag else None)
     if digest is None or not store.has_blob(digest):
         raise StoreError(
-            f"the image {parsed.familiar} is not in the store {store.root}; pull or load it first "
+            f"the image {shown} is not in the store {store.root}; pull or load it first "
             f"(builder pull NAME, builder load oci:DIR -t NAME)."
         )
     manifest = store.read_json(digest)
@@ -130,12 +135,12 @@ def resolve_image(store: Store, ref: str | Reference, wanted: Platform | None = 
         platform = wanted or host_platform()
         entry = select_manifest(manifest, platform)
         if entry is None or not store.has_blob(str(entry.get("digest"))):
-            raise StoreError(f"the store holds no {platform} image of {parsed.familiar}.")
+            raise StoreError(f"the store holds no {platform} image of {shown}.")
         digest = str(entry["digest"])
         manifest = store.read_json(digest)
     config_digest = (manifest.get("config") or {}).get("digest")
     if not isinstance(config_digest, str):
-        raise StoreError(f"the manifest {digest} of {parsed.familiar} has no config.")
+        raise StoreError(f"the manifest {digest} of {shown} has no config.")
     return digest, manifest, store.read_json(config_digest)
 
 

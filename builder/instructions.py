@@ -15,6 +15,7 @@ import posixpath
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 from builder.dockerfile import (
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 _WORD_SPACE = re.compile(r"[\t\v\f\r ]+")
+_GO_SPACE_RUN = re.compile(f"[{re.escape(GO_SPACE)}]+")
 _STAGE_NAME = re.compile(r"[a-z][a-z0-9\-_.]*")
 # Flag kinds: "string" once, "strings" repeatable, "bool" as --flag or --flag=true|false.
 _FLAGS: dict[str, dict[str, str]] = {
@@ -207,6 +209,8 @@ def split_fields(text: str) -> list[str]:
 
 def _words(text: str, escape: str) -> list[str]:
     """BuildKit's parseWords for ENV, LABEL and ARG: words with quotes and escapes kept."""
+    if not any(ch in text for ch in ("'", '"', escape)):
+        return [word for word in _GO_SPACE_RUN.split(text) if word]
     words: list[str] = []
     word: list[str] = []
     quote = ""
@@ -329,7 +333,7 @@ def _parse_copy(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
     paths: list[str] = []
     contents: list[Heredoc] = []
     for source in sources:
-        doc = parse_heredoc_word(source) if ins.exec_form is None else None
+        doc = parse_heredoc_word(source) if ins.exec_form is None and "<<" in source else None
         if doc is None:
             paths.append(source)
         else:
@@ -407,8 +411,12 @@ def _duration(ins: Instruction, name: str, text: str) -> int:
     if not _DURATION.fullmatch(text):
         raise InvalidValue(f"--{name}={text} is not a duration; write it as 30s, 1m30s or 500ms.")
     parts = re.findall(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)", text)
-    nanos = round(sum(float(number) * _UNITS[unit] for number, unit in parts))
-    nanos = -nanos if text.startswith("-") else nanos
+    if any(len(number.partition(".")[0]) > 20 for number, _ in parts):  # beyond int64 in any unit
+        raise InvalidValue(f"--{name}={text[:40]} is out of range: the most is 2562047h.")
+    total = sum((Fraction(number) * _UNITS[unit] for number, unit in parts), Fraction())
+    if total >= 2**63:  # Go's time.Duration is an int64 of nanoseconds
+        raise InvalidValue(f"--{name}={text[:40]} is out of range: the most is 2562047h.")
+    nanos = -int(total) if text.startswith("-") else int(total)
     if nanos and nanos < 10**6:
         raise InvalidValue(f"--{name}={text} is too short: the least is 1ms.")
     return nanos
@@ -417,8 +425,8 @@ def _duration(ins: Instruction, name: str, text: str) -> int:
 def _retries(ins: Instruction, text: str | None) -> int:
     if text is None or text == "":
         return 0
-    if not re.fullmatch(r"[-+]?\d+", text) or abs(int(text)) >= 2**31:
-        raise InvalidValue(f"--retries={text} is not a whole number.")
+    if not re.fullmatch(r"[-+]?\d{1,10}", text) or abs(int(text)) >= 2**31:
+        raise InvalidValue(f"--retries={text[:40]} is not a whole number up to 2147483647.")
     if int(text) < 0:
         raise InvalidValue(f"--retries={text} cannot be negative.")
     return int(text)
@@ -534,7 +542,9 @@ def _mount_type(fields: dict[str, str]) -> str:
         raise InvalidValue(f"unsupported --mount type {kind!r}{suggest(kind, list(_MOUNT_TYPES))}")
     for key, types in _MOUNT_ONLY.items():
         if key in fields and kind not in types:
-            raise InvalidValue(f"--mount type={kind} does not take {key}=; only {' and '.join(types)} mounts do.")
+            raise InvalidValue(
+                f"--mount type={kind} does not take {key}=; only {' and '.join(types)} mounts do."
+            )
     return kind
 
 
@@ -630,17 +640,22 @@ def check_chmod(text: str) -> None:
     raise InvalidValue(f"--chmod={text} is not a mode: use octal (0755) or symbolic (u=rwX,go=rX).")
 
 
+_PORT = re.compile(r"(\d+)(?:-(\d+))?")
+
+
 def parse_ports(spec: str) -> list[str]:
     """One EXPOSE word (``80``, ``80/udp``, ``8000-8002``) as ``port/proto`` keys, ranges expanded."""
+    if spec.isascii() and spec.isdigit() and len(spec) <= 5 and int(spec) <= 65535:
+        return [f"{int(spec)}/tcp"]
     container = spec.rsplit(":", 1)[-1]  # BuildKit tolerates (and ignores) ip:hostport: prefixes
     port, _, proto = container.partition("/")
     proto = proto.lower() or "tcp"
     if proto not in ("tcp", "udp", "sctp"):
         raise InvalidValue(f"EXPOSE {spec}: invalid protocol {proto!r}; use tcp, udp or sctp.")
-    match = re.fullmatch(r"(\d+)(?:-(\d+))?", port)
-    start, end = (int(match[1]), int(match[2] or match[1])) if match else (0, -1)
+    match = _PORT.fullmatch(port)
+    start, end = (int(match[1]), int(match[2] or match[1])) if match and len(port) <= 11 else (0, -1)
     if match is None or end > 65535 or end < start:
-        raise InvalidValue(f"EXPOSE {spec}: {port!r} is not a port or port range (0-65535).")
+        raise InvalidValue(f"EXPOSE {spec[:40]}: {port[:20]!r} is not a port or port range (0-65535).")
     return [f"{number}/{proto}" for number in range(start, end + 1)]
 
 

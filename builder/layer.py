@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bz2
 import errno
+import hashlib
 import io
 import lzma
 import os
@@ -40,6 +41,7 @@ __all__ = [
     "COMPRESSION_ANNOTATION",
     "Compression",
     "LayerBlob",
+    "apply_blob",
     "apply_layer",
     "compress_stream",
     "diff_upperdir",
@@ -598,3 +600,29 @@ def open_layer(fileobj: BinaryIO) -> BinaryIO:
     else:
         decoder = cast(BinaryIO, lzma.LZMAFile(raw))  # noqa: SIM115 - the caller owns the stream
     return cast(BinaryIO, io.BufferedReader(_Reader(decoder.read, kind=kind), _CHUNK))
+
+
+class _HashingReader:
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.hasher = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.hasher.update(data)
+        return data
+
+
+def apply_blob(blob: BinaryIO, root: Path, *, diff_id: str, overlay_whiteouts: bool, name: str) -> None:
+    """Apply a stored layer blob (any compression) and check that its tar is ``diff_id``.
+
+    The tar is hashed as the applier reads it, so a blob that lies about its layer is caught
+    without a second pass; the caller discards ``root`` on a LayerError.
+    """
+    reader = _HashingReader(open_layer(blob))
+    apply_layer(cast(BinaryIO, reader), root, overlay_whiteouts=overlay_whiteouts)
+    while reader.read(_CHUNK):  # the tar's end-of-archive padding counts too
+        pass
+    found = "sha256:" + reader.hasher.hexdigest()
+    if found != diff_id:
+        raise LayerError(f"blob {name} unpacks to {found}, not to layer {diff_id}.")

@@ -167,20 +167,22 @@ class Plan:
             for step in steps:
                 if "env" in step:
                     step["env"] = [f"{name}={value}" for name, value in step["env"]]
-            stages.append({**_data(stage), "steps": steps})
-        return {**_data(self), "stages": stages}
+            stages.append({**_data(stage, skip="steps"), "steps": steps})
+        return {**_data(self, skip="stages"), "stages": stages}
 
 
-def _data(value: Any) -> Any:
-    """Dataclasses as dicts without the fields at their default; tuples as lists."""
+def _data(value: Any, skip: str = "") -> Any:
+    """Dataclasses as dicts without the fields at their default (nor ``skip``); tuples as lists."""
+    if isinstance(value, str | int | float) or value is None:
+        return value
+    if isinstance(value, list | tuple):
+        return [_data(item) for item in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
             f.name: _data(getattr(value, f.name))
             for f in dataclasses.fields(value)
-            if f.default is dataclasses.MISSING or getattr(value, f.name) != f.default
+            if f.name != skip and (f.default is dataclasses.MISSING or getattr(value, f.name) != f.default)
         }
-    if isinstance(value, list | tuple):
-        return [_data(item) for item in value]
     return value
 
 
@@ -237,7 +239,18 @@ class _Parsed:
         return DockerfileError(message, filename=self.dockerfile.filename, line=line)
 
 
+_SPECIAL = {escape: re.compile(f"[$'\"{re.escape(escape)}]") for escape in ("\\", "`")}
+_GO_SPACE_CHAR = re.compile(f"[{re.escape(GO_SPACE)}]")
+
+
+def _plain(word: str, escape: str) -> bool:
+    """A word with nothing to expand: no variable, quote or escape."""
+    return _SPECIAL[escape].search(word) is None
+
+
 def _expand(df: Dockerfile, line: int, word: str, scope: Mapping[str, str]) -> tuple[str, frozenset[str]]:
+    if _plain(word, df.escape):
+        return word, frozenset()
     try:
         result = expand_word(word, scope, escape=df.escape)
     except ExpansionError as exc:
@@ -649,15 +662,12 @@ class _StageState:
         return [(self.expand(cmd, key), self.expand(cmd, value)) for key, value in cmd.pairs]
 
     def do_env(self, cmd: PairsCommand) -> None:
+        env = {item.partition("=")[0]: item for item in reversed(self.config.get("Env") or [])}
+        env = dict(reversed(env.items()))  # the first entry of a name is the one that is replaced
         for key, value in self.pairs(cmd):
             self.vars[key] = value
-            env = [item for item in self.config.get("Env") or []]
-            names = [item.partition("=")[0] for item in env]
-            if key in names:
-                env[names.index(key)] = f"{key}={value}"
-            else:
-                env.append(f"{key}={value}")
-            self.config["Env"] = env
+            env[key] = f"{key}={value}"
+        self.config["Env"] = list(env.values())
         self.meta(cmd)
 
     def do_label(self, cmd: PairsCommand) -> None:
@@ -713,13 +723,14 @@ class _StageState:
 
     def do_expose(self, cmd: ListCommand) -> None:
         ports = dict(self.config.get("ExposedPorts") or {})
-        for value in cmd.values:
-            try:
-                words = expand_words(value, self.vars, escape=self.df.escape)[0]
-            except ExpansionError as exc:
-                raise self.error(cmd, str(exc)) from exc
-            for word in words:
-                ports |= {key: {} for key in self.checked(cmd, parse_ports, word)}
+        escape = self.df.escape
+        try:
+            for value in cmd.values:
+                plain = _plain(value, escape) and _GO_SPACE_CHAR.search(value) is None
+                for word in [value] if plain else expand_words(value, self.vars, escape=escape)[0]:
+                    ports.update((key, {}) for key in parse_ports(word))
+        except (ExpansionError, InvalidValue) as exc:
+            raise self.error(cmd, str(exc)) from exc
         self.config["ExposedPorts"] = ports
         self.meta(cmd)
 

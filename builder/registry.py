@@ -237,8 +237,8 @@ class RegistryClient:
         self._expect(response, (200,), f"GET blob {digest}")
         with store.blob_writer() as writer:
             try:
-                while chunk := response.read(_READ):
-                    writer.write(chunk)
+                while (chunk := response.read(_READ)) and (size is None or writer.size <= size):
+                    writer.write(chunk)  # a blob longer than its descriptor says stops here
             except (OSError, http.client.HTTPException) as exc:
                 raise _Transient(f"the download of blob {digest} broke off: {exc}") from exc
             if writer.digest != digest or (size is not None and writer.size != size):

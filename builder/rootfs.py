@@ -8,15 +8,14 @@ layer differ over that directory with no lowers: sorted, numeric owners, integer
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-from builder.errors import LayerError, StoreError
-from builder.layer import apply_layer, diff_upperdir, open_layer
+from builder.errors import StoreError
+from builder.layer import apply_blob, diff_upperdir
 from builder.layout import image_blobs
 from builder.store import Store
 
@@ -25,34 +24,12 @@ __all__ = ["export_rootfs", "write_rootfs_tar"]
 _CHUNK = 1 << 20
 
 
-class _HashingReader:
-    """Hash an uncompressed layer while the tar reader consumes it."""
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self._stream = stream
-        self._hash = hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._stream.read(size)
-        self._hash.update(data)
-        return data
-
-    def drain(self) -> str:
-        while self.read(_CHUNK):
-            pass
-        return "sha256:" + self._hash.hexdigest()
-
-
 def _unpack(store: Store, manifest_digest: str, root: Path) -> None:
     manifest, config, _ = image_blobs(store, manifest_digest)
     diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
     for layer, diff_id in zip(manifest["layers"], diff_ids, strict=True):
         with store.blob_path(layer["digest"]).open("rb") as blob:
-            reader = _HashingReader(open_layer(blob))
-            apply_layer(reader, root, overlay_whiteouts=False)  # type: ignore[arg-type]
-            found = reader.drain()
-        if found != diff_id:
-            raise LayerError(f"blob {layer['digest']} unpacks to {found}, not to layer {diff_id}.")
+            apply_blob(blob, root, diff_id=diff_id, overlay_whiteouts=False, name=layer["digest"])
 
 
 def export_rootfs(store: Store, manifest_digest: str, dest: Path) -> None:

@@ -11,7 +11,6 @@ The lowerdir option must fit in one page, so mounts name lowers through short sy
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import subprocess
@@ -19,11 +18,10 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from builder.digest import digest_hex
 from builder.errors import LayerError, StoreError
-from builder.layer import apply_layer, open_layer
+from builder.layer import apply_blob
 from builder.store import Store
 
 __all__ = ["MAX_LAYERS", "Mounted", "Snapshotter"]
@@ -42,24 +40,6 @@ class Mounted:
 
     merged: Path
     upper: Path | None
-
-
-class _HashingReader:
-    """Hash an uncompressed layer while the tar reader consumes it."""
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self._stream = stream
-        self._hash = hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._stream.read(size)
-        self._hash.update(data)
-        return data
-
-    def drain(self) -> str:
-        while self.read(_CHUNK):
-            pass
-        return "sha256:" + self._hash.hexdigest()
 
 
 class Snapshotter:
@@ -109,12 +89,9 @@ class Snapshotter:
         try:
             staging.mkdir(0o755)  # the image's root directory, whatever the umask
             staging.chmod(0o755)
-            with self.store.blob_path(str(blobs[0]["digest"])).open("rb") as blob:
-                reader = _HashingReader(open_layer(blob))
-                apply_layer(reader, staging, overlay_whiteouts=True)  # type: ignore[arg-type]
-                found = reader.drain()
-            if found != diff_id:
-                raise LayerError(f"blob {blobs[0]['digest']} unpacks to {found}, not layer {diff_id}.")
+            digest = str(blobs[0]["digest"])
+            with self.store.blob_path(digest).open("rb") as blob:
+                apply_blob(blob, staging, diff_id=diff_id, overlay_whiteouts=True, name=digest)
             self.commit(diff_id, staging)
         except OSError as exc:
             raise self.store.storage_error(exc) from exc

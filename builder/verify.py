@@ -30,7 +30,7 @@ from builder.layer import open_layer
 from builder.layout import image_blobs
 from builder.store import Store
 
-__all__ = ["NotReproducible", "copy_image", "verify_build"]
+__all__ = ["NotReproducible", "copy_image", "image_difference", "verify_build"]
 
 Json = dict[str, Any]
 Log = Callable[[str], None]
@@ -57,21 +57,21 @@ def verify_build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
             "--build-arg SOURCE_DATE_EPOCH=N or the environment); without it every build "
             "records its own time."
         )
-    _, images = plan_build(request, store, log)
     clean = dataclasses.replace(request, tags=(), outputs=(), no_cache=True, cache_from=(), cache_to=())
-    with contextlib.ExitStack() as stack:
+    with store.lease(), contextlib.ExitStack() as stack:  # a prune waits until the image is tagged
+        _, images = plan_build(request, store, log)
         first = _build_clean(stack, clean, store, sorted(images), "1/2", log)
         with _umask(_SECOND_UMASK):
             second = _build_clean(stack, clean, store, sorted(images), "2/2", log)
-        digest = second.result.manifest_digest
-        if first.result.manifest_digest != digest:
+        first_digest, digest = first.result.manifest_digest, second.result.manifest_digest
+        if first_digest != digest:
+            found = image_difference(first.store, first_digest, second.store, digest)
             raise NotReproducible(
-                f"the build is not reproducible: two clean builds gave {first.result.manifest_digest} "
-                f"and {digest}; {_first_difference(first, second)}"
+                f"the build is not reproducible: two clean builds gave {first_digest} and {digest}; {found}"
             )
         copy_image(second.store, store, digest)
-    log(f"reproducible: both clean builds gave {digest}")
-    publish(request, store, digest, log)
+        log(f"reproducible: both clean builds gave {digest}")
+        publish(request, store, digest, log)
     return second.result
 
 
@@ -87,6 +87,8 @@ def _build_clean(
         parsed = reference(ref)
         if parsed.digest is None:
             clean.set_tag(tag_key(parsed), digest)
+        elif parsed.digest != digest:  # an index: the build finds the platform's image through it
+            clean.write_blob(store.read_blob(parsed.digest))
     result = build(request, clean, lambda line: log(f"[verify {label}] {line}"))
     return _Built(clean, result)
 
@@ -117,10 +119,11 @@ def copy_image(src: Store, dst: Store, manifest_digest: str) -> None:
 # -- what differs ------------------------------------------------------------------------------
 
 
-def _first_difference(first: _Built, second: _Built) -> str:
-    """The first layer entry, config field or manifest field in which two images differ."""
-    manifest_a, config_a, _ = image_blobs(first.store, first.result.manifest_digest)
-    manifest_b, config_b, _ = image_blobs(second.store, second.result.manifest_digest)
+def image_difference(store_a: Store, digest_a: str, store_b: Store, digest_b: str) -> str:
+    """The first layer entry, config field or manifest field in which two images differ, as the
+    end of a sentence (the first image is "the first build", the other "the second")."""
+    manifest_a, config_a, _ = image_blobs(store_a, digest_a)
+    manifest_b, config_b, _ = image_blobs(store_b, digest_b)
     layers_a, layers_b = manifest_a["layers"], manifest_b["layers"]
     steps = [str(h.get("created_by", "")) for h in config_a.get("history", []) if not h.get("empty_layer")]
     for index, (layer_a, layer_b) in enumerate(zip(layers_a, layers_b, strict=False)):
@@ -133,7 +136,7 @@ def _first_difference(first: _Built, second: _Built) -> str:
                     f"{name} has the same content in both builds but other compressed bytes: "
                     "the compressor's output is not a function of its input."
                 )
-            blobs = (first.store.blob_path(layer_a["digest"]), second.store.blob_path(layer_b["digest"]))
+            blobs = (store_a.blob_path(layer_a["digest"]), store_b.blob_path(layer_b["digest"]))
             return f"{name} differs first at {_tar_difference(*blobs)}."
     if len(layers_a) != len(layers_b):
         return f"the first build made {len(layers_a)} layers and the second {len(layers_b)}."

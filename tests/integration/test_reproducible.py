@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from builder.store import Store
+from builder.verify import image_difference
 from tests.conftest import REPO, read_config, read_manifest, run_builder
 
 pytestmark = pytest.mark.integration
@@ -48,6 +50,7 @@ class Place:
     checkout: Path
     file_time: float  # the mtime the checkout's files get (after the epoch: clamped)
     wrapper: tuple[str, ...]  # argv prefix: umask, host name
+    epoch: tuple[str, ...]  # build flags that set the epoch, or none when the environment does
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -58,7 +61,8 @@ def _places(base: Path) -> tuple[Place, Place]:
         base / "a" / "src",
         EPOCH + 1000,
         ("sh", "-c", 'umask 022 && exec "$@"', "sh"),
-        {"TZ": "UTC"},
+        (),
+        {"TZ": "UTC", "SOURCE_DATE_EPOCH": str(EPOCH)},
     )
     second = Place(
         "second",
@@ -66,7 +70,8 @@ def _places(base: Path) -> tuple[Place, Place]:
         base / "b" / "checkout" / "of" / "project",
         time.time() + 30 * 86400,
         ("unshare", "--uts", "sh", "-c", 'hostname reproducible-two && umask 077 && exec "$@"', "sh"),
-        {"TZ": "Pacific/Kiritimati"},
+        ("--source-date-epoch", str(EPOCH)),
+        {"TZ": "Pacific/Kiritimati", "SOURCE_DATE_EPOCH": ""},
     )
     return first, second
 
@@ -116,26 +121,24 @@ def _build_in_both_places(
     context: Path,
     args: tuple[str, ...] = (),
     big_files: tuple[str, ...] = (),
-) -> tuple[str, str]:
-    """Build ``context`` in the two places, one after the other; their manifest digests."""
-    digests = []
+) -> list[tuple[str, Path]]:
+    """Build ``context`` in the two places, one after the other: (manifest digest, OCI layout)."""
+    built = []
     for place in _places(tmp_path):
         checkout = _checkout(context, place, big_files)
+        layout = place.checkout.parent / "image"
         _builder(place, "load", f"oci:{busybox_layout}", "-t", "busybox:latest")
         started = time.time()
-        digests.append(_builder(place, "build", "--source-date-epoch", str(EPOCH), *args, str(checkout)))
+        flags = (*place.epoch, *args, "-t", "image:1", "-o", f"type=oci,dest={layout}")
+        built.append((_builder(place, "build", *flags, str(checkout)), layout))
         _assert_clean(place.store)
         time.sleep(max(0.0, 1.0 - (time.time() - started)))  # the second build starts a second later
-    return digests[0], digests[1]
+    return built
 
 
 # -- the examples -------------------------------------------------------------------------------
 
-
-def test_hello_example_builds_identically_anywhere(tmp_path: Path, busybox_layout: Path) -> None:
-    first, second = _build_in_both_places(tmp_path, busybox_layout, EXAMPLES / "hello")
-    assert first.startswith("sha256:")
-    assert first == second
+EXAMPLE_NAMES = sorted(path.parent.name for path in EXAMPLES.glob("*/Dockerfile"))
 
 
 @pytest.fixture(scope="session")
@@ -158,36 +161,35 @@ def debian_rootfs() -> Iterator[Path]:
                 if stale.is_dir():
                     shutil.rmtree(stale)  # another mirror state or script: never used again
             rootfs.parent.mkdir()
-            subprocess.run([str(MAKE_ROOTFS), str(rootfs)], check=True, capture_output=True, timeout=900)
+            made = subprocess.run(
+                [str(MAKE_ROOTFS), str(rootfs)], capture_output=True, text=True, timeout=900, check=False
+            )
+            if made.returncode != 0:
+                pytest.fail(f"make-rootfs failed:\n{made.stderr}")
     yield rootfs
 
 
-def test_debian_example_builds_identically_anywhere(
-    tmp_path: Path, busybox_layout: Path, debian_rootfs: Path
+@pytest.mark.parametrize("example", EXAMPLE_NAMES)
+def test_example_builds_identically_anywhere(
+    tmp_path: Path, busybox_layout: Path, example: str, request: pytest.FixtureRequest
 ) -> None:
-    context = tmp_path / "debian"
-    shutil.copytree(EXAMPLES / "debian", context, ignore=shutil.ignore_patterns("rootfs.tar*"))
-    _link_or_copy(debian_rootfs, context / "rootfs.tar")
-    first, second = _build_in_both_places(tmp_path, busybox_layout, context, big_files=("rootfs.tar",))
-    assert first == second
-    store = _places(tmp_path)[1].store
-    out = tmp_path / "out"
-    run_builder(
-        "build",
-        "--source-date-epoch",
-        str(EPOCH),
-        "-t",
-        "debian:12",
-        "-o",
-        f"type=oci,dest={out}",
-        str(context),
-        root=store,
+    context = tmp_path / "example" / example
+    shutil.copytree(EXAMPLES / example, context, ignore=shutil.ignore_patterns("rootfs.tar*"))
+    big_files: tuple[str, ...] = ()
+    if example == "debian":  # its rootfs.tar is made by make-rootfs, not checked in
+        _link_or_copy(request.getfixturevalue("debian_rootfs"), context / "rootfs.tar")
+        big_files = ("rootfs.tar",)
+    (first, layout), (second, _) = _build_in_both_places(
+        tmp_path, busybox_layout, context, big_files=big_files
     )
-    manifest = read_manifest(out, "12")
-    assert len(manifest["layers"]) == 2, "ADD rootfs.tar and the cleanup RUN"
-    names = _layer_names(out, manifest["layers"][0])
-    assert {"usr/bin/bash", "etc/debian_version", "var/lib/dpkg/status"} <= names
-    assert "dev/null" not in names and not any(n.startswith("var/log/dpkg") for n in names)
+    assert first == second
+    assert read_config(layout, "1")["created"] == EPOCH_TEXT
+    if example == "debian":
+        layers = read_manifest(layout, "1")["layers"]
+        assert len(layers) == 2, "ADD rootfs.tar and the minimizing RUN"
+        names = _layer_names(layout, layers[0])
+        assert {"usr/bin/bash", "etc/debian_version", "var/lib/dpkg/status"} <= names
+        assert "dev/null" not in names and not any(n.startswith("var/log/dpkg") for n in names)
 
 
 # -- layer cases --------------------------------------------------------------------------------
@@ -271,7 +273,7 @@ def _make_context(base: Path, dockerfile: str, files: dict[str, tuple[str, int]]
 def test_layer_case_builds_identically_anywhere(tmp_path: Path, busybox_layout: Path, case: str) -> None:
     dockerfile, files, args = LAYER_CASES[case]
     context = _make_context(tmp_path, dockerfile, files)
-    first, second = _build_in_both_places(tmp_path, busybox_layout, context, args)
+    (first, _), (second, _) = _build_in_both_places(tmp_path, busybox_layout, context, args)
     assert first == second
 
 
@@ -327,6 +329,7 @@ def test_epoch_fixes_times_and_clamps_only_new_layers(
         (("--compression", "zstd", "--compression-level", "5"), "zstd;encoder=zstd-mt;level=5;block=1048576"),
         (("--compression", "uncompressed"), "uncompressed"),
     ],
+    ids=["gzip", "zstd", "uncompressed"],
 )
 def test_without_epoch_times_are_real_and_layers_say_how_to_recompress(
     tmp_path: Path, store: Path, flags: tuple[str, ...], settings: str
@@ -399,3 +402,42 @@ def test_verify_reproducible_needs_an_epoch(tmp_path: Path, store: Path) -> None
     )
     assert result.returncode == 1
     assert "error: --verify-reproducible needs SOURCE_DATE_EPOCH" in result.stderr
+
+
+DIFFERENCES = """\
+FROM busybox:latest
+ARG MODE=644
+ARG MORE=
+RUN echo x > /f && chmod $MODE /f && if [ -n "$MORE" ]; then echo more > /more; fi
+ARG NOTE=
+LABEL note=$NOTE
+"""
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        ((), ("MORE=1",), "differs first at /more, which only the second build has."),
+        (("MORE=1",), (), "differs first at /more, which only the first build has."),
+        ((), ("MODE=600",), "differs first at /f: its mode is 0644 against 0600."),
+        (
+            (),
+            ("NOTE=x",),
+            'the layers are the same but the image configs differ at config.Labels.note: "" against "x".',
+        ),
+    ],
+    ids=["only-in-the-second", "only-in-the-first", "mode", "config-field"],
+)
+def test_image_difference_names_the_first_entry_or_field(
+    tmp_path: Path, store: Path, first: tuple[str, ...], second: tuple[str, ...], expected: str
+) -> None:
+    context = _make_context(tmp_path, DIFFERENCES, {})
+    digests = []
+    for build_args in (first, second):
+        flags = [part for arg in build_args for part in ("--build-arg", arg)]
+        result = run_builder("build", "--source-date-epoch", str(EPOCH), *flags, str(context), root=store)
+        digests.append(result.stdout.strip())
+    found = image_difference(Store(store), digests[0], Store(store), digests[1])
+    assert found.endswith(expected), found
+    if expected.startswith("differs"):
+        assert found.startswith("layer 2 of 2 (RUN "), found
