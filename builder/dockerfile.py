@@ -28,6 +28,8 @@ __all__ = [
     "parse_dockerfile",
     "parse_exec_form",
     "parse_heredoc_word",
+    "split_fields",
+    "split_words",
     "suggest",
 ]
 
@@ -48,6 +50,7 @@ _DIRECTIVES = frozenset({"syntax", "escape", "check"})
 # Go regexp \s is [\t\n\f\r ]; the value is right-stripped separately (a lazy match would backtrack).
 _DIRECTIVE = re.compile(r"([a-zA-Z][a-zA-Z0-9]*)[\t\n\f\r ]*=[\t\n\f\r ]*(.*)")
 _WORD_SPACE = re.compile(r"[\t\v\f\r ]+")
+_GO_SPACE_RUN = re.compile(f"[{re.escape(GO_SPACE)}]+")
 _HEREDOC_WORD = re.compile(r"(\d*)<<(-?)[\t\n\f\r ]*([^<]*)")
 _BOM = "\ufeff"
 
@@ -434,3 +437,46 @@ def _unquote(text: str) -> tuple[list[str], bool]:
     if word or quoted:
         words.append("".join(word))
     return ([] if quote else words), quoted
+
+
+# BuildKit's line parsers: how the argument text of an instruction splits into words.
+
+
+def split_fields(text: str) -> list[str]:
+    """Split on runs of spaces and tabs, as BuildKit splits FROM, EXPOSE, COPY and VOLUME."""
+    return [word for word in _WORD_SPACE.split(text) if word] if text else []
+
+
+def split_words(text: str, escape: str) -> list[str]:
+    """BuildKit's parseWords for ENV, LABEL and ARG: words with quotes and escapes kept."""
+    if not any(ch in text for ch in ("'", '"', escape)):
+        return [word for word in _GO_SPACE_RUN.split(text) if word]
+    words: list[str] = []
+    word: list[str] = []
+    quote = ""
+    started = blank_ok = False
+    pos = 0
+    while pos < len(text):
+        ch = text[pos]
+        pos += 1
+        if not quote and ch in GO_SPACE:
+            if started and (blank_ok or word):
+                words.append("".join(word))
+            word, started, blank_ok = [], False, False
+            continue
+        started = True
+        if not quote and ch in "'\"":
+            quote, blank_ok = ch, True
+        elif quote and ch == quote:
+            quote = ""
+        if ch == escape and quote != "'":
+            if pos == len(text):
+                quote = ""
+                continue
+            word.append(ch)
+            ch = text[pos]
+            pos += 1
+        word.append(ch)
+    if started and (blank_ok or word):
+        words.append("".join(word))
+    return words

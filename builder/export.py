@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 from builder.distribution import push_image
 from builder.errors import BuilderError, LayerError
 from builder.images import reference
-from builder.layer import COMPRESSIONS, Compression, compress_stream, open_layer
+from builder.layer import COMPRESSION_ANNOTATION, COMPRESSIONS, Compression, compress_stream, open_layer
 from builder.layout import export_layout, image_blobs, write_layout_tar
 from builder.oci import (
     CONFIG_MEDIA_TYPE,
@@ -196,6 +196,11 @@ def _layer_as(store: Store, desc: Json, diff_id: str, compression: Compression, 
         if blob.diff_id != diff_id:
             raise LayerError(f"blob {desc['digest']} unpacks to {blob.diff_id}, not to layer {diff_id}.")
         writer.commit_hashed(blob.digest)
-    converted = {"mediaType": blob.media_type, "digest": blob.digest, "size": blob.size}
+    converted = {
+        "mediaType": blob.media_type,
+        "digest": blob.digest,
+        "size": blob.size,
+        "annotations": {COMPRESSION_ANNOTATION: compression.settings(level)},
+    }
     store.add_layer_blob(diff_id, converted)
     return converted

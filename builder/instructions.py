@@ -49,11 +49,9 @@ __all__ = [
     "parse_command",
     "parse_mount",
     "parse_ports",
-    "split_fields",
 ]
 
 _WORD_SPACE = re.compile(r"[\t\v\f\r ]+")
-_GO_SPACE_RUN = re.compile(f"[{re.escape(GO_SPACE)}]+")
 _STAGE_NAME = re.compile(r"[a-z][a-z0-9\-_.]*")
 # Flag kinds: "string" once, "strings" repeatable, "bool" as --flag or --flag=true|false.
 _FLAGS: dict[str, dict[str, str]] = {
@@ -202,46 +200,6 @@ def _bool_flag(ins: Instruction, name: str, value: str | None) -> bool:
     return value.lower() == "true"
 
 
-def split_fields(text: str) -> list[str]:
-    """Split on runs of spaces and tabs, as BuildKit splits FROM, EXPOSE, COPY and VOLUME."""
-    return [word for word in _WORD_SPACE.split(text) if word] if text else []
-
-
-def _words(text: str, escape: str) -> list[str]:
-    """BuildKit's parseWords for ENV, LABEL and ARG: words with quotes and escapes kept."""
-    if not any(ch in text for ch in ("'", '"', escape)):
-        return [word for word in _GO_SPACE_RUN.split(text) if word]
-    words: list[str] = []
-    word: list[str] = []
-    quote = ""
-    started = blank_ok = False
-    pos = 0
-    while pos < len(text):
-        ch = text[pos]
-        pos += 1
-        if not quote and ch in GO_SPACE:
-            if started and (blank_ok or word):
-                words.append("".join(word))
-            word, started, blank_ok = [], False, False
-            continue
-        started = True
-        if not quote and ch in "'\"":
-            quote, blank_ok = ch, True
-        elif quote and ch == quote:
-            quote = ""
-        if ch == escape and quote != "'":
-            if pos == len(text):
-                quote = ""
-                continue
-            word.append(ch)
-            ch = text[pos]
-            pos += 1
-        word.append(ch)
-    if started and (blank_ok or word):
-        words.append("".join(word))
-    return words
-
-
 def _parse_from(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
     words = split_fields(ins.args)
     if len(words) not in (1, 3) or (len(words) == 3 and words[1].lower() != "as"):
@@ -259,7 +217,7 @@ def _parse_from(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
 
 def _parse_arg(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
     pairs: list[tuple[str, str | None]] = []
-    for word in _words(ins.args, df.escape):
+    for word in split_words(ins.args, df.escape):
         name, eq, default = word.partition("=")
         if not name:
             raise InvalidValue(f"ARG {word!r} has no name: ARG NAME[=DEFAULT].")
@@ -270,7 +228,7 @@ def _parse_arg(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
 
 
 def _parse_pairs(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
-    words = _words(ins.args, df.escape)
+    words = split_words(ins.args, df.escape)
     kw = ins.keyword
     if not words:
         raise InvalidValue(f"{kw} needs at least one pair: {kw} NAME=VALUE ...")
