@@ -64,6 +64,7 @@ class BuildRequest:
     compression_level: int | None = None
     source_date_epoch: int | None = None
     no_cache: bool = False
+    network: str = "default"  # for RUN steps without --network: default (the host's), none or host
     no_cache_filter: tuple[str, ...] = ()  # stages (by name or index) to run without the cache
     cache_from: tuple[CacheSpec, ...] = ()
     cache_to: tuple[CacheSpec, ...] = ()
@@ -159,6 +160,7 @@ def _build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
         epoch=source_date_epoch(request),
         no_cache=request.no_cache,
         no_cache_filter=request.no_cache_filter,
+        network=request.network,
         dockerfile=str(request.dockerfile_path),
         previous_keys=previous_keys,
     )

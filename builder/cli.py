@@ -11,21 +11,23 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from builder.build import BuildRequest, build, plan_build, resolve_image
 from builder.cacheio import parse_cache_spec
 from builder.check import check_store
+from builder.config import CONFIG_ENV, DEFAULT_CONFIG, add_setting_flags, parse_config, resolve
 from builder.distribution import pull_image
 from builder.errors import BuilderError, SandboxError
 from builder.export import OUTPUT_KINDS, Output, parse_output, write_output
 from builder.gc import disk_usage, parse_duration, parse_size, prune
 from builder.images import Platform, image_history, parse_platform, reference, tag_key, tagged_images
-from builder.layer import COMPRESSIONS
 from builder.layout import import_docker_archive, import_layout
 from builder.oci import Reference
+from builder.plan import parse_build_args
 from builder.registry import RegistryOptions
 from builder.sandbox import private_mount_namespace
-from builder.store import Store, default_root
+from builder.store import Store
 from builder.verify import verify_build
 
 __all__ = ["main"]
@@ -33,24 +35,6 @@ __all__ = ["main"]
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-
-def _store_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--root",
-        type=Path,
-        default=None,
-        help="store root (default: $BUILDER_ROOT or /var/lib/builder)",
-    )
-
-
-def _key_value(text: str) -> tuple[str, str]:
-    key, eq, value = text.partition("=")
-    if not key:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
-    if not eq:
-        value = os.environ.get(key, "")
-    return key, value
 
 
 def _output(text: str) -> Output:
@@ -72,26 +56,6 @@ def _platform(text: str) -> Platform:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def _registry_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--insecure-registry",
-        action="append",
-        default=[],
-        metavar="HOST[:PORT]",
-        help="reach this registry over plain HTTP (localhost and 127.0.0.0/8 always are)",
-    )
-
-
-def _compression_args(parser: argparse.ArgumentParser, default: str | None) -> None:
-    parser.add_argument(
-        "--compression",
-        default=default,
-        choices=sorted(COMPRESSIONS),
-        help=f"layer compression (default: {default or 'gzip'})",
-    )
-    parser.add_argument("--compression-level", type=int, help="compression level")
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="builder", description="Build OCI images from Dockerfiles.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -100,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("context", type=Path, help="the build context directory")
     build.add_argument("-f", "--file", type=Path, help="the Dockerfile (default: CONTEXT/Dockerfile)")
     build.add_argument("-t", "--tag", action="append", default=[], help="name:tag to give the image")
-    build.add_argument("--build-arg", action="append", type=_key_value, default=[], metavar="KEY=VALUE")
+    build.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE")
     build.add_argument("--target", help="the stage to build (default: the last)")
     build.add_argument(
         "-o",
@@ -112,9 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"where the image goes; KIND is one of {', '.join(OUTPUT_KINDS)} (name=REF for registry; "
         "compression=, compression-level= per output)",
     )
-    _compression_args(build, "gzip")
     build.add_argument("--pull", action="store_true", help="pull the base images even when stored")
-    _registry_args(build)
     build.add_argument("--source-date-epoch", type=int, help="timestamps for a reproducible image")
     build.add_argument("--no-cache", action="store_true", help="run every step, ignoring the cache")
     build.add_argument(
@@ -145,7 +107,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--print", choices=["plan"], dest="print_what", help="print the build plan and stop")
     build.add_argument("-q", "--quiet", action="store_true", help="print only the image digest")
-    _store_args(build)
     build.set_defaults(handler=_build)
 
     load = commands.add_parser(
@@ -155,17 +116,14 @@ def _parser() -> argparse.ArgumentParser:
         "source", help="oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME:TAG]"
     )
     load.add_argument("-t", "--tag", action="append", default=[], help="name:tag to give the image")
-    _store_args(load)
     load.set_defaults(handler=_load)
 
     images = commands.add_parser("images", help="list the images in the store")
     images.add_argument("-q", "--quiet", action="store_true", help="print only the digests")
-    _store_args(images)
     images.set_defaults(handler=_images)
 
     inspect = commands.add_parser("inspect", help="print an image's config")
     inspect.add_argument("image")
-    _store_args(inspect)
     inspect.set_defaults(handler=_inspect)
     _image_commands(commands)
 
@@ -181,19 +139,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="until=DURATION",
         help="e.g. until=24h",
     )
-    _store_args(prune)
     prune.set_defaults(handler=_prune)
 
     du = commands.add_parser("du", help="show the store's disk usage")
-    _store_args(du)
     du.set_defaults(handler=_du)
 
     check = commands.add_parser("check", help="verify every blob, record, tag and snapshot of the store")
     check.add_argument(
         "--repair", action="store_true", help="remove what is corrupt or stale (images are only reported)"
     )
-    _store_args(check)
     check.set_defaults(handler=_check)
+    for name, sub in commands.choices.items():
+        add_setting_flags(sub, name)
     return parser
 
 
@@ -201,18 +158,15 @@ def _image_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser
     """history, tag, rmi, save, pull, push: images in the store, and in and out of it."""
     history = commands.add_parser("history", help="show an image's history, newest first")
     history.add_argument("image")
-    _store_args(history)
     history.set_defaults(handler=_history)
 
     tag = commands.add_parser("tag", help="give a stored image another name")
     tag.add_argument("source")
     tag.add_argument("targets", nargs="+", metavar="target")
-    _store_args(tag)
     tag.set_defaults(handler=_tag)
 
     rmi = commands.add_parser("rmi", help="remove image names (builder prune reclaims the space)")
     rmi.add_argument("images", nargs="+", metavar="image")
-    _store_args(rmi)
     rmi.set_defaults(handler=_rmi)
 
     save = commands.add_parser("save", help="write a stored image out (default: a Docker archive)")
@@ -226,24 +180,16 @@ def _image_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser
         metavar="FILE|type=KIND,dest=PATH",
         help=f"a Docker archive FILE, or an output as in build ({', '.join(OUTPUT_KINDS)})",
     )
-    _compression_args(save, None)
-    _registry_args(save)
-    _store_args(save)
     save.set_defaults(handler=_save)
 
     pull = commands.add_parser("pull", help="pull an image from a registry into the store")
     pull.add_argument("image")
     pull.add_argument("--platform", type=_platform, help="os/arch[/variant] (default: the host's)")
-    _registry_args(pull)
-    _store_args(pull)
     pull.set_defaults(handler=_pull)
 
     push = commands.add_parser("push", help="push a stored image to a registry")
     push.add_argument("image")
     push.add_argument("destination", nargs="?", help="where to push (default: the image's own name)")
-    _compression_args(push, None)
-    _registry_args(push)
-    _store_args(push)
     push.set_defaults(handler=_push)
 
 
@@ -270,10 +216,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-
-    store = Store.open(args.root or default_root())
+    for key, value in resolve(args, _config_file(), os.environ).items():
+        setattr(args, key.replace("-", "_"), value)
+    store = Store.open(Path(args.root))
     handler: Callable[[argparse.Namespace, Store], int] = args.handler
     return handler(args, store)
+
+
+def _config_file() -> dict[str, Any]:
+    """The YAML config: $BUILDER_CONFIG, else /etc/builder/config.yaml when present."""
+    path = Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if os.environ.get(CONFIG_ENV):
+            raise BuilderError(f"the config file {path} (from ${CONFIG_ENV}) does not exist.") from None
+        return {}
+    except OSError as exc:
+        raise BuilderError(f"cannot read the config file {path}: {exc.strerror}.") from exc
+    return parse_config(text, str(path))
 
 
 def _build(args: argparse.Namespace, store: Store) -> int:
@@ -282,11 +243,12 @@ def _build(args: argparse.Namespace, store: Store) -> int:
         context=args.context,
         dockerfile=args.file,
         tags=tuple(args.tag),
-        build_args=dict(args.build_arg),
+        build_args=parse_build_args(args.build_arg, os.environ),
         target=args.target,
         outputs=tuple(args.output),
-        compression=args.compression,
+        compression=args.compression or "gzip",
         compression_level=args.compression_level,
+        network=args.network,
         source_date_epoch=args.source_date_epoch,
         no_cache=args.no_cache,
         no_cache_filter=tuple(args.no_cache_filter),

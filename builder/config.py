@@ -39,6 +39,7 @@ class Setting:
     commands: tuple[str, ...]
     env: str | None = None
     metavar: str | None = None
+    choices: tuple[str, ...] | None = None
 
     @property
     def dest(self) -> str:
@@ -61,25 +62,37 @@ _STORE = (
     "history",
     "check",
 )
-_REGISTRY = ("build", "push", "pull")
+_REGISTRY = ("build", "push", "pull", "save")
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("root", "the store root", str, "/var/lib/builder", _STORE, env="BUILDER_ROOT", metavar="DIR"),
     Setting(
-        "compression", "layer compression: gzip, zstd or uncompressed", str, "gzip", ("build", "save", "push")
+        "compression",
+        "layer compression (default: gzip when building, each layer's own when saving or pushing)",
+        str,
+        None,
+        ("build", "save", "push"),
+        choices=("gzip", "uncompressed", "zstd"),
     ),
     Setting(
         "compression-level", "compression level (gzip 0-3, zstd 1-22)", int, None, ("build", "save", "push")
     ),
     Setting(
         "insecure-registry",
-        "a registry host[:port] reached over plain HTTP",
+        "a registry reached over plain HTTP (localhost and 127.0.0.0/8 always are)",
         list,
         [],
         _REGISTRY,
-        metavar="HOST",
+        metavar="HOST[:PORT]",
     ),
-    Setting("network", "the network of RUN steps: default, none or host", str, "default", _BUILDS),
+    Setting(
+        "network",
+        "the network of RUN steps without --network: default (the host's), none or host",
+        str,
+        "default",
+        _BUILDS,
+        choices=("default", "host", "none"),
+    ),
 )
 
 
@@ -120,6 +133,8 @@ def parse_config(text: str, source: str) -> dict[str, Any]:
             ok = isinstance(value, setting.kind) and not isinstance(value, bool)
         if not ok:
             raise BuilderError(f"{source}: {key} must be {_kind_name(setting.kind)}, not {value!r}.")
+        if setting.choices and value not in setting.choices:
+            raise BuilderError(f"{source}: {key} must be one of {', '.join(setting.choices)}, not {value!r}.")
         values[setting.key] = value
     return values
 

@@ -99,6 +99,10 @@ class Dockerfile:
     def directive(self, name: str) -> str | None:
         return dict(self.directives).get(name)
 
+    def checks(self) -> tuple[frozenset[str], bool]:
+        """The ``# check=`` directive: the rules to skip and whether warnings are errors."""
+        return _checks(self.directive("check") or "error=false")
+
 
 def suggest(word: str, choices: list[str] | frozenset[str], *, prefix: str = "") -> str:
     """The end of an error sentence about ``word``: ``"; did you mean X?"`` or just ``"."``."""
@@ -147,24 +151,35 @@ def _directives(lines: list[str], filename: str) -> tuple[tuple[str, str], ...]:
                 line=number,
             )
         if key == "check":
-            _check_directive(value, filename, number)
+            try:
+                _checks(value)
+            except ValueError as exc:
+                raise DockerfileError(
+                    f"invalid check directive option {str(exc)!r}: use skip=<rules|all> and error=<true|false>, "
+                    "separated by ';'.",
+                    filename=filename,
+                    line=number,
+                ) from exc
         found[key] = value
     return tuple(found.items())
 
 
-def _check_directive(value: str, filename: str, line: int) -> None:
-    """``# check=skip=<rules>;error=<bool>`` as BuildKit's linter reads it."""
+def _checks(value: str) -> tuple[frozenset[str], bool]:
+    """``# check=skip=<rules>;error=<bool>``, as BuildKit's linter reads it: the rules to skip
+    and whether warnings fail the build. Raises ValueError naming the bad option."""
+    skip: set[str] = set()
+    error = False
     for part in value.split(";"):
-        key, eq, setting = part.partition("=")
-        key, setting = key.strip(), setting.strip()
-        valid = eq and (key in ("skip", "experimental") or (key == "error" and setting.lower() in _GO_BOOLS))
-        if not valid:
-            raise DockerfileError(
-                f"invalid check directive option {part.strip()!r}: "
-                "use skip=<rules|all> and error=<true|false>, separated by ';'.",
-                filename=filename,
-                line=line,
-            )
+        key, eq, setting = (text.strip() for text in part.partition("="))
+        if not eq or key not in ("skip", "error", "experimental"):
+            raise ValueError(part.strip())
+        if key == "skip":
+            skip |= {rule.strip() for rule in setting.split(",")}
+        elif key == "error":
+            if setting.lower() not in _GO_BOOLS:
+                raise ValueError(part.strip())
+            error = setting.lower() in ("1", "t", "true")
+    return frozenset(skip), error
 
 
 _GO_BOOLS = frozenset({"1", "t", "true", "0", "f", "false"})

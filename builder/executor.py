@@ -69,6 +69,7 @@ class BuildSettings:
     epoch: int | None  # SOURCE_DATE_EPOCH: clamps file times, fixes history times
     no_cache: bool
     no_cache_filter: tuple[str, ...]  # stage names or indexes built without the cache
+    network: str  # the network of RUN steps that do not choose one
     dockerfile: str  # the Dockerfile's name, for messages
     previous_keys: Mapping[str, Json] = field(default_factory=dict)  # last build's, to explain misses
 
@@ -279,7 +280,7 @@ class StageExecutor:
             uid=identity.uid,
             gid=identity.gid,
             groups=identity.groups,
-            network="none" if step.network == "none" else "host",
+            network=self._network(step),
         )
         sys.stdout.flush()
         status = run_sandboxed(spec, stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno())
@@ -287,6 +288,10 @@ class StageExecutor:
             command = " ".join(step.argv)
             what = "could not be started" if status == 125 else f"exited with status {status}"
             raise self._fail(step, f"RUN {command!r} {what}.")
+
+    def _network(self, step: RunStep) -> str:
+        chosen = self.settings.network if step.network == "default" else step.network
+        return "none" if chosen == "none" else "host"
 
     def _origin(self, step: CopyStep, sources: Mapping[int | str, ImageState]) -> ImageState | None:
         if step.from_stage is not None:

@@ -202,8 +202,11 @@ class _Copier:
         self.links: dict[tuple[int, int], Path] = {}
 
     def copy_source(self, source: CopySource, dest: str) -> None:
-        target = resolve_in_root(self.root, dest)
         is_dir = _is_dir(source.path)
+        target = resolve_in_root(self.root, dest)
+        if not is_dir and not dest.endswith("/") and not _is_dir(target):
+            # A file replaces a symlink in its way rather than writing where the link points.
+            target = resolve_in_root(self.root, dest, follow_last=False)
         if source.parents or (_is_dir(target) and not is_dir):
             target = self._parents(target, dest, source.parents)
             if not is_dir:

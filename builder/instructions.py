@@ -25,6 +25,8 @@ from builder.dockerfile import (
     Instruction,
     parse_exec_form,
     parse_heredoc_word,
+    split_fields,
+    split_words,
     suggest,
 )
 from builder.errors import DockerfileError
@@ -43,12 +45,14 @@ __all__ = [
     "PairsCommand",
     "RunCommand",
     "ValueCommand",
+    "check_checksum",
     "check_chmod",
     "check_platform",
     "check_signal",
     "parse_command",
     "parse_mount",
     "parse_ports",
+    "parse_stages",
 ]
 
 _WORD_SPACE = re.compile(r"[\t\v\f\r ]+")
@@ -124,6 +128,22 @@ class RunCommand(ExecCommand):
     network: str
     security: str
 
+    def script(self, shell: list[str]) -> tuple[list[str], tuple[tuple[str, str], ...]]:
+        """The argv, and the files it needs, as BuildKit's dispatchRun makes them: a command that
+        is one heredoc runs its body (from /dev/pipes/<NAME> when it starts with #!); other
+        heredocs go to the shell with the command, as one script."""
+        docs = self.ins.heredocs
+        if not self.shell_form:
+            return list(self.command), ()
+        if not docs:
+            return [*shell, self.command[0]], ()
+        if parse_heredoc_word(self.command[0]) is None:
+            return [*shell, self.command[0] + "".join(f"\n{doc.content}{doc.name}" for doc in docs)], ()
+        if docs[0].text.startswith("#!"):
+            path = f"/dev/pipes/{docs[0].name}"
+            return [*shell, path], ((path, docs[0].text),)
+        return [*shell, docs[0].text], ()
+
 
 @dataclass(frozen=True)
 class CopyCommand(Command):
@@ -158,6 +178,30 @@ class HealthcheckCommand(Command):
 class OnbuildCommand(Command):
     expression: str  # what the image config records: the instruction after ONBUILD
     trigger: Command
+
+
+def parse_stages(
+    dockerfile: Dockerfile,
+) -> tuple[tuple[ArgCommand, ...], tuple[tuple[FromCommand, tuple[Command, ...]], ...]]:
+    """Every instruction checked and grouped: the ARGs before the first FROM, then each stage's
+    FROM and its instructions (BuildKit's instructions.Parse)."""
+    meta: list[ArgCommand] = []
+    stages: list[tuple[FromCommand, list[Command]]] = []
+    for ins in dockerfile.instructions:
+        cmd = parse_command(ins, dockerfile)
+        if isinstance(cmd, FromCommand):
+            stages.append((cmd, []))
+        elif stages:
+            stages[-1][1].append(cmd)
+        elif isinstance(cmd, ArgCommand):
+            meta.append(cmd)
+        else:
+            message = f"{ins.word} comes before the first FROM; only ARG may."
+            raise DockerfileError(message, filename=dockerfile.filename, line=ins.line)
+    if not stages:
+        message = "the Dockerfile has no FROM: a build needs at least one stage."
+        raise DockerfileError(message, filename=dockerfile.filename)
+    return tuple(meta), tuple((cmd, tuple(body)) for cmd, body in stages)
 
 
 def parse_command(ins: Instruction, dockerfile: Dockerfile) -> Command:
@@ -642,3 +686,20 @@ def check_platform(text: str) -> None:
     parts = text.split("/")
     if len(parts) > 3 or not all(re.fullmatch(r"[A-Za-z0-9_.-]+(\([^)]*\))?", part) for part in parts):
         raise InvalidValue(f"invalid platform {text!r}: write os/arch[/variant], for example linux/amd64.")
+
+
+def check_checksum(checksum: str, sources: tuple[str, ...]) -> None:
+    """ADD --checksum: one source, a URL (sha256:<hex>) or a Git repository (a commit hash)."""
+    if len(sources) != 1:
+        raise InvalidValue("ADD --checksum needs exactly one source, a URL or a Git repository.")
+    source = sources[0]
+    git = source.startswith(("git@", "git://", "ssh://")) or source.split("#")[0].endswith(".git")
+    if git:
+        if not re.fullmatch(r"[0-9a-f]{1,64}", checksum):
+            raise InvalidValue(
+                f"ADD --checksum={checksum}: for Git, give a commit hash (or a prefix of one)."
+            )
+    elif not source.startswith(("http://", "https://")):
+        raise InvalidValue("ADD --checksum only applies to a URL or a Git repository.")
+    elif not re.fullmatch(r"sha256:[0-9a-f]{64}|sha384:[0-9a-f]{96}|sha512:[0-9a-f]{128}", checksum):
+        raise InvalidValue(f"ADD --checksum={checksum}: for a URL, give sha256:<64 hex digits>.")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from builder.dockerfile import GO_SPACE, Dockerfile, parse_dockerfile, parse_heredoc_word, suggest
+from builder.dockerfile import GO_SPACE, Dockerfile, parse_dockerfile, suggest
 from builder.errors import BuilderError, DockerfileError, ExpansionError
 from builder.expansion import expand_word, expand_words
 from builder.instructions import (
@@ -36,12 +36,14 @@ from builder.instructions import (
     PairsCommand,
     RunCommand,
     ValueCommand,
+    check_checksum,
     check_chmod,
     check_platform,
     check_signal,
     parse_command,
     parse_mount,
     parse_ports,
+    parse_stages,
 )
 from builder.oci import parse_reference
 
@@ -260,26 +262,7 @@ def _expand(df: Dockerfile, line: int, word: str, scope: Mapping[str, str]) -> t
 
 def _parse(df: Dockerfile, build_args: Mapping[str, str], auto_args: Mapping[str, str]) -> _Parsed:
     """Check every instruction, then resolve the global scope and the FROM lines."""
-    meta: list[ArgCommand] = []
-    froms: list[FromCommand] = []
-    bodies: list[list[Command]] = []
-    for ins in df.instructions:
-        cmd = parse_command(ins, df)
-        if isinstance(cmd, FromCommand):
-            froms.append(cmd)
-            bodies.append([])
-        elif froms:
-            bodies[-1].append(cmd)
-        elif isinstance(cmd, ArgCommand):
-            meta.append(cmd)
-        else:
-            raise DockerfileError(
-                f"{ins.word} comes before the first FROM; only ARG may.", filename=df.filename, line=ins.line
-            )
-    if not froms:
-        raise DockerfileError(
-            "the Dockerfile has no FROM: a build needs at least one stage.", filename=df.filename
-        )
+    meta, stages = parse_stages(df)
     scope = {name: build_args.get(name, value) for name, value in auto_args.items()}
     declared: set[str] = set()
     for arg in meta:
@@ -289,8 +272,8 @@ def _parse(df: Dockerfile, build_args: Mapping[str, str], auto_args: Mapping[str
                 scope[name] = build_args[name]
             elif default is not None:
                 scope[name] = _expand(df, arg.ins.line, default, scope)[0]
-    headers = _headers(df, froms, scope)
-    return _Parsed(df, tuple(meta), headers, tuple(map(tuple, bodies)), scope, frozenset(declared))
+    headers = _headers(df, [cmd for cmd, _ in stages], scope)
+    return _Parsed(df, meta, headers, tuple(body for _, body in stages), scope, frozenset(declared))
 
 
 def _headers(df: Dockerfile, froms: list[FromCommand], scope: Mapping[str, str]) -> tuple[_Header, ...]:
@@ -517,14 +500,7 @@ def _warnings(df: Dockerfile, found: list[tuple[int, str, str]]) -> tuple[str, .
     """Warnings as "file:line: message (Rule)", filtered and enforced by ``# check=``."""
     empty = "empty continuation line; a future BuildKit rejects these"
     found = [(line, "NoEmptyContinuation", empty) for line in df.empty_continuations] + found
-    skip: set[str] = set()
-    error = False
-    for part in (df.directive("check") or "").split(";"):
-        key, _, setting = part.partition("=")
-        if key.strip() == "skip":
-            skip |= {rule.strip() for rule in setting.split(",")}
-        elif key.strip() == "error":
-            error = setting.strip().lower() in ("1", "t", "true")
+    skip, error = df.checks()
     kept = [item for item in found if "all" not in skip and item[1] not in skip]
     if error and kept:
         line, rule, message = kept[0]
@@ -771,10 +747,7 @@ class _StageState:
         return tuple(sorted(env.items()))
 
     def do_run(self, cmd: RunCommand) -> None:
-        files: tuple[tuple[str, str], ...] = ()
-        argv = self.command(cmd)
-        if cmd.ins.heredocs:
-            argv, files = self.heredoc_script(cmd)
+        argv, files = cmd.script(self.shell)
         mounts: list[Mount] = []
         for spec in cmd.mounts:
             ssh = sum(m.type == "ssh" for m in mounts)
@@ -793,18 +766,6 @@ class _StageState:
             return _stage_ref(self.planner.parsed, self.index, cmd.ins.line, ref, by_number=False)
 
         return {"workdir": self.workdir, "ssh_index": ssh, "resolve_from": resolve}
-
-    def heredoc_script(self, cmd: RunCommand) -> tuple[list[str], tuple[tuple[str, str], ...]]:
-        """A RUN whose command is one heredoc runs its body (from a file when it has a #! line);
-        otherwise the command and the heredocs go to the shell as one script."""
-        docs = cmd.ins.heredocs
-        if parse_heredoc_word(cmd.command[0]) is not None:
-            body = docs[0].text
-            if body.startswith("#!"):
-                path = f"/dev/pipes/{docs[0].name}"
-                return [*self.shell, path], ((path, body),)
-            return [*self.shell, body], ()
-        return [*self.shell, cmd.command[0] + "".join(f"\n{doc.content}{doc.name}" for doc in docs)], ()
 
     def do_copy(self, cmd: CopyCommand) -> None:
         flags = cmd.flags
@@ -843,7 +804,7 @@ class _StageState:
         }
         if flags.get("checksum"):
             options["checksum"] = self.expand(cmd, flags["checksum"])
-            self.checked(cmd, _check_checksum, options["checksum"], sources)
+            self.checked(cmd, check_checksum, options["checksum"], sources)
         return options
 
     def expand_heredoc(self, cmd: CopyCommand, text: str) -> str:
@@ -854,22 +815,6 @@ class _StageState:
             return expand_word(protected, self.vars, escape="\\").text
         except ExpansionError as exc:
             raise self.error(cmd, str(exc)) from exc
-
-
-def _check_checksum(checksum: str, sources: tuple[str, ...]) -> None:
-    if len(sources) != 1:
-        raise InvalidValue("ADD --checksum needs exactly one source, a URL or a Git repository.")
-    source = sources[0]
-    git = source.startswith(("git@", "git://", "ssh://")) or source.split("#")[0].endswith(".git")
-    if git:
-        if not re.fullmatch(r"[0-9a-f]{1,64}", checksum):
-            raise InvalidValue(
-                f"ADD --checksum={checksum}: for Git, give a commit hash (or a prefix of one)."
-            )
-    elif not source.startswith(("http://", "https://")):
-        raise InvalidValue("ADD --checksum only applies to a URL or a Git repository.")
-    elif not re.fullmatch(r"sha256:[0-9a-f]{64}|sha384:[0-9a-f]{96}|sha512:[0-9a-f]{128}", checksum):
-        raise InvalidValue(f"ADD --checksum={checksum}: for a URL, give sha256:<64 hex digits>.")
 
 
 def _set(config: Json, key: str, value: Any) -> None:

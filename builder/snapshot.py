@@ -49,9 +49,13 @@ class Snapshotter:
         self.store = store
         self.root = store.root
         empty = self.root / "snapshots" / "empty"
-        empty.mkdir(exist_ok=True)
-        empty.chmod(0o755)
-        self._link("empty", empty)
+        try:
+            empty.mkdir(0o755, exist_ok=True)
+            if empty.stat().st_mode & 0o7777 != 0o755:  # whatever the umask; a read-only store has it
+                empty.chmod(0o755)
+            self._link("empty", empty)
+        except OSError as exc:
+            raise store.storage_error(exc) from exc
 
     def path(self, diff_id: str) -> Path:
         return self.root / "snapshots" / digest_hex(diff_id)

@@ -195,3 +195,22 @@ def test_missing_dockerfile_is_a_clear_error(tmp_path: Path, store: Path) -> Non
     result = run_builder("build", str(tmp_path / "empty"), root=store, check=False)
     assert result.returncode == 1
     assert "Dockerfile: cannot read the Dockerfile: No such file or directory" in result.stderr
+
+
+def test_config_file_sets_defaults_that_flags_override(tmp_path: Path, store: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("compression: zstd\nnetwork: none\n")
+    context = _context(tmp_path, "FROM busybox:latest\nRUN ip -o link | cut -d: -f2 > /links\n")
+    out = tmp_path / "oci"
+    env = {"BUILDER_CONFIG": str(config)}
+    run_builder("build", "-t", "c:1", "-o", f"type=oci,dest={out}", str(context), root=store, env=env)
+    assert read_manifest(out, "1")["layers"][-1]["mediaType"].endswith("+zstd")
+    bundle = tmp_path / "bundle"
+    run_builder("build", "-t", "c:2", "--compression", "gzip", "-o", f"type=oci,dest={out}", str(context), root=store, env=env)
+    assert read_manifest(out, "2")["layers"][-1]["mediaType"].endswith("+gzip")
+    subprocess.run(["umoci", "unpack", "--image", f"{out}:2", str(bundle)], capture_output=True, check=True)
+    assert (bundle / "rootfs/links").read_text().split() == ["lo"], "network: none leaves only loopback"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("compresion: zstd\n")
+    result = run_builder("build", str(context), root=store, env={"BUILDER_CONFIG": str(bad)}, check=False)
+    assert result.returncode == 1 and f"{bad}: unknown setting 'compresion'" in result.stderr
