@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_builder
+from tests.registry import Registry
 
 pytestmark = pytest.mark.integration
 
@@ -165,3 +166,31 @@ def test_prune_keep_storage_drops_least_recently_used_first(tmp_path: Path, stor
     result = run_builder("prune", "--keep-storage", "0", root=store).stdout
     assert "removed 5 cache records" in result
     assert "blobs\t3\t" in run_builder("du", root=store).stdout, "only busybox's manifest, config and layer remain"
+
+
+def test_cache_through_a_registry_makes_a_fresh_store_run_nothing(
+    tmp_path: Path, store: Path, busybox_layout: Path, registry: Registry
+) -> None:
+    context = _context(tmp_path / "c")
+    ref = f"{registry.host}/app/cache:main"
+    first = run_builder("build", "--cache-to", f"type=registry,ref={ref},mode=max", str(context), root=store)
+    assert "exported 5 cache keys" in first.stderr
+    again = run_builder("build", "--cache-to", f"type=registry,ref={ref}", str(context), root=store)
+    assert "exported" in again.stderr
+    fresh = tmp_path / "fresh-store"
+    run_builder("load", f"oci:{busybox_layout}", "-t", "busybox:latest", root=fresh)
+    rebuilt = run_builder("build", "--cache-from", f"type=registry,ref={ref}", str(context), root=fresh)
+    assert rebuilt.stdout == first.stdout
+    assert "(0 steps run)" in rebuilt.stderr
+
+
+def test_a_failed_cache_export_warns_unless_asked_to_fail(tmp_path: Path, store: Path) -> None:
+    context = _context(tmp_path / "c")
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    ok = run_builder("build", "--cache-to", f"type=local,dest={blocked}", str(context), root=store)
+    assert "warning: the cache export to" in ok.stderr
+    failed = run_builder(
+        "build", "--cache-to", f"type=local,dest={blocked},ignore-error=false", str(context), root=store, check=False
+    )
+    assert failed.returncode == 1 and "cannot export the cache" in failed.stderr
