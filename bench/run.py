@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import limits as limits_module
-from engines import QUIET, REPO, BuilderEngine, BuildKitEngine, EngineError, Sample, remove_tree
+from engines import (
+    QUIET,
+    BuilderEngine,
+    BuildKitEngine,
+    EngineError,
+    Sample,
+    builder_source,
+    remove_tree,
+)
 from workloads import WORKLOADS, DebianBase, Engine, Scale, Workload
 
 BENCH = Path(__file__).resolve().parent
@@ -251,29 +259,6 @@ class Run:
             "failures": self.failures,
             "elapsed": self.elapsed,
         }
-
-
-def builder_source(rev: str | None, workdir: Path) -> tuple[Path, str]:
-    """The tree to measure and its name: REV exported with git archive, or the working tree."""
-
-    def git(*args: str) -> str:
-        result = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
-        return result.stdout.strip() if result.returncode == 0 else ""
-
-    if rev is None:
-        return REPO, (git("describe", "--always", "--dirty") or "(not a git checkout)") + " (working tree)"
-    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}")
-    if not commit:
-        raise SystemExit(f"bench/run.py: {rev!r} is not a commit of {REPO}.")
-    source = workdir / "source"
-    source.mkdir()
-    archive = subprocess.Popen(
-        ["git", "-C", str(REPO), "archive", commit, "builder", "fixtures"], stdout=subprocess.PIPE
-    )
-    subprocess.run(["tar", "-x", "-C", str(source)], stdin=archive.stdout, check=True)
-    if archive.wait() != 0:
-        raise SystemExit(f"bench/run.py: git archive {commit} failed.")
-    return source, f"{commit[:12]} ({git('log', '-1', '--format=%s', commit)[:60]})"
 
 
 def machine_info(workdir: Path) -> dict[str, str]:

@@ -4,18 +4,22 @@ The line structure follows BuildKit's ``frontend/dockerfile/parser``: parser dir
 top, comment lines dropped (also inside continuations), empty continuation lines skipped with a
 warning, the escape character continuing a line, then the instruction word, its ``--flags`` and
 the argument text; RUN, COPY and ADD (also behind ONBUILD) read the heredoc bodies that follow.
-``dockerfile_parse`` is not used: its ``structure`` ends an instruction at an empty continuation
-line and reads heredoc bodies as instructions, so the scanner below is BuildKit's own. Pure.
+``dockerfile_parse`` gives the line structure: where each instruction starts. It ends an
+instruction at an empty continuation line and reads heredoc bodies as instructions, so the
+scanner below reads each instruction from its start as BuildKit's parser does, past both. Pure.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
 import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from dockerfile_parse import DockerfileParser
 
 from builder.errors import DockerfileError
 
@@ -119,11 +123,31 @@ def parse_dockerfile(text: str, filename: str = "Dockerfile") -> Dockerfile:
     escape = dict(directives).get("escape", "\\")
     scanner = _Scanner(lines, escape, filename)
     instructions = []
-    while (instruction := scanner.next_instruction()) is not None:
-        instructions.append(instruction)
+    starts = _instruction_starts(lines)
+    # dockerfile_parse drops an instruction still continued at the end of the file
+    starts += [i for i in range(max(starts, default=-1) + 1, len(lines)) if _has_content(lines[i])][:1]
+    for start in starts:
+        if start >= scanner.pos:  # else it lies in a heredoc body or a continuation read already
+            instructions.append(scanner.instruction_at(start))
     if not instructions:
         raise DockerfileError("the Dockerfile has no instructions.", filename=filename)
     return Dockerfile(filename, escape, directives, tuple(instructions), tuple(scanner.empty_continuations))
+
+
+def _instruction_starts(lines: list[str]) -> list[int]:
+    """Where instructions begin (0-based lines), from dockerfile_parse's line structure.
+
+    Its structure knows continuations, comments and the escape directive, but ends an
+    instruction at an empty continuation line and reads heredoc bodies as instructions: the
+    scanner reads past both and skips the starts that fall inside what it has read.
+    """
+    parser = DockerfileParser(fileobj=io.BytesIO(), env_replace=False)
+    parser.content = "".join(f"{line}\n" for line in lines)
+    try:
+        structure: list[dict[str, object]] = parser.structure
+    except Exception as exc:  # foreign code: its failure must not reach the user as a traceback
+        raise DockerfileError(f"cannot be split into lines: {exc}") from exc
+    return [int(str(entry["startline"])) for entry in structure if entry["instruction"] != "COMMENT"]
 
 
 def _directives(lines: list[str], filename: str) -> tuple[tuple[str, str], ...]:
@@ -155,8 +179,8 @@ def _directives(lines: list[str], filename: str) -> tuple[tuple[str, str], ...]:
                 _checks(value)
             except ValueError as exc:
                 raise DockerfileError(
-                    f"invalid check directive option {str(exc)!r}: use skip=<rules|all> and error=<true|false>, "
-                    "separated by ';'.",
+                    f"invalid check directive option {str(exc)!r}: "
+                    "use skip=<rules|all> and error=<true|false>, separated by ';'.",
                     filename=filename,
                     line=number,
                 ) from exc
@@ -183,6 +207,11 @@ def _checks(value: str) -> tuple[frozenset[str], bool]:
 
 
 _GO_BOOLS = frozenset({"1", "t", "true", "0", "f", "false"})
+
+
+def _has_content(line: str) -> bool:
+    text = line.strip(GO_SPACE)
+    return bool(text) and not text.startswith("#")
 
 
 def _is_comment(line: str) -> bool:
@@ -214,28 +243,25 @@ class _Scanner:
             raise DockerfileError("the file contains a NUL byte; is it a Dockerfile?", filename=self.filename)
         return line.rstrip("\r\n")
 
-    def next_instruction(self) -> Instruction | None:
-        while self.pos < len(self.lines):
-            start = self.pos + 1
-            line = self.next_line().lstrip(GO_SPACE)
-            line, done = self.trim_continuation("" if line.startswith("#") else line)
-            if done and not line:
+    def instruction_at(self, index: int) -> Instruction:
+        """The instruction whose first line is ``lines[index]``, with its heredoc bodies."""
+        self.pos = index
+        start = index + 1
+        line, done = self.trim_continuation(self.next_line().lstrip(GO_SPACE))
+        parts = [line]
+        empty = False
+        while not done and self.pos < len(self.lines):
+            raw = self.next_line()
+            if _is_comment(raw):
                 continue
-            parts = [line]
-            empty = False
-            while not done and self.pos < len(self.lines):
-                raw = self.next_line()
-                if _is_comment(raw):
-                    continue
-                if not raw.lstrip(GO_SPACE):
-                    empty = True
-                    continue
-                raw, done = self.trim_continuation(raw)
-                parts.append(raw)
-            if empty:
-                self.empty_continuations.append(start)
-            return self.instruction("".join(parts), start)
-        return None
+            if not raw.lstrip(GO_SPACE):
+                empty = True
+                continue
+            raw, done = self.trim_continuation(raw)
+            parts.append(raw)
+        if empty:
+            self.empty_continuations.append(start)
+        return self.instruction("".join(parts), start)
 
     def error(self, message: str, line: int) -> DockerfileError:
         return DockerfileError(message, filename=self.filename, line=line)

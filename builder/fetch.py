@@ -97,9 +97,7 @@ def fetch_url(url: str, scratch: Path, checksum: str | None) -> Fetched:
         algorithm, _, want = checksum.partition(":")
         got = digest if algorithm == "sha256" else f"{algorithm}:{_file_hash(target, algorithm)}"
         if got != f"{algorithm}:{want}":
-            raise ContextError(
-                f"the download of {url} has the digest {got}, not the --checksum {checksum}."
-            )
+            raise ContextError(f"the download of {url} has the digest {got}, not the --checksum {checksum}.")
     return Fetched(target, digest)
 
 

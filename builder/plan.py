@@ -231,7 +231,6 @@ class _Header:
 @dataclass(frozen=True)
 class _Parsed:
     dockerfile: Dockerfile
-    meta: tuple[ArgCommand, ...]  # the ARGs before the first FROM
     headers: tuple[_Header, ...]
     bodies: tuple[tuple[Command, ...], ...]
     scope: Mapping[str, str]  # the global scope
@@ -273,7 +272,7 @@ def _parse(df: Dockerfile, build_args: Mapping[str, str], auto_args: Mapping[str
             elif default is not None:
                 scope[name] = _expand(df, arg.ins.line, default, scope)[0]
     headers = _headers(df, [cmd for cmd, _ in stages], scope)
-    return _Parsed(df, meta, headers, tuple(body for _, body in stages), scope, frozenset(declared))
+    return _Parsed(df, headers, tuple(body for _, body in stages), scope, frozenset(declared))
 
 
 def _headers(df: Dockerfile, froms: list[FromCommand], scope: Mapping[str, str]) -> tuple[_Header, ...]:

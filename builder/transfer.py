@@ -22,7 +22,7 @@ from pathlib import Path
 
 from builder.buildcontext import BuildContext, Source, entry_digest, filtered_walk, match_root
 from builder.errors import BuilderError, ContextError
-from builder.fetch import fetch_git, fetch_url, is_url, parse_git_source, url_filename
+from builder.fetch import GitSource, fetch_git, fetch_url, is_url, parse_git_source, url_filename
 from builder.fscopy import CopySource, Walker, copy_sources, make_dirs, parse_chmod
 from builder.layer import apply_layer, open_layer
 from builder.patterns import BadPatternError, PatternMatcher, clean, has_wildcards
@@ -101,11 +101,12 @@ def _items(
     items: list[_Item] = []
     for pattern in step.sources:
         git = parse_git_source(pattern)
-        if git is not None or is_url(pattern):
-            if not step.add:
-                raise ContextError(f"COPY cannot fetch {pattern}; use ADD for URLs and Git repositories.")
-            remote = _git_item if git is not None else _url_item
-            items.append(remote(step, pattern, scratch, fetch=fetch))
+        if (git is not None or is_url(pattern)) and not step.add:
+            raise ContextError(f"COPY cannot fetch {pattern}; use ADD for URLs and Git repositories.")
+        if git is not None:  # always fetched: a Git source is named by the commit of its ref
+            items.append(_git_item(step, pattern, git, scratch))
+        elif is_url(pattern):
+            items.append(_url_item(step, pattern, scratch, fetch=fetch))
         else:
             items += _local_items(step, pattern, context, origin, exclude)
     return items
@@ -167,13 +168,15 @@ def _url_item(step: CopyStep, url: str, scratch: Path, *, fetch: bool) -> _Item:
     return _Item(CopySource(path, url_filename(url), _no_children), url, digest, unpack)
 
 
-def _git_item(step: CopyStep, source: str, scratch: Path, *, fetch: bool) -> _Item:
-    del fetch  # a Git source is always named by the commit its ref resolves to
-    git = parse_git_source(source)
-    assert git is not None
+def _git_item(step: CopyStep, source: str, git: GitSource, scratch: Path) -> _Item:
     keep = step.keep_git_dir if git.keep_git_dir is None else git.keep_git_dir
     fetched = fetch_git(git, scratch, keep_git_dir=keep, checksum=step.checksum)
-    top = match_root(fetched.path, git.subdir or ".", confine=True)
+    try:
+        top = match_root(fetched.path, git.subdir or ".", confine=True)
+    except ContextError:
+        raise ContextError(
+            f"the directory {git.subdir!r} of {git.remote} leads out of the repository."
+        ) from None
     if not top or not _is_dir(top[0].path):
         raise ContextError(f"the Git repository {git.remote} has no directory {git.subdir!r}.")
     tree = partial(filtered_walk, top[0].path, [])

@@ -110,7 +110,10 @@ def make_layout(out: Path, layers: list[bytes], *, tag: str = "latest", compress
         "rootfs": {"type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(t).hexdigest()}" for t in layers]},
         "history": [{"created_by": f"layer {i}"} for i in range(len(layers))],
     }
-    config_desc = {"mediaType": "application/vnd.oci.image.config.v1+json", **blob(json.dumps(config).encode())}
+    config_desc = {
+        "mediaType": "application/vnd.oci.image.config.v1+json",
+        **blob(json.dumps(config).encode()),
+    }
     manifest = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -122,7 +125,11 @@ def make_layout(out: Path, layers: list[bytes], *, tag: str = "latest", compress
         **blob(json.dumps(manifest).encode()),
         "annotations": {"org.opencontainers.image.ref.name": tag},
     }
-    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [manifest_desc]}
+    index = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [manifest_desc],
+    }
     (out / "index.json").write_text(json.dumps(index))
     (out / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     return out

@@ -44,7 +44,9 @@ def root(tmp_path: Path) -> Path:
 
 
 def _tree(top: Path) -> list[str]:
-    return sorted(str(p.relative_to(top)) + ("/" if p.is_dir() and not p.is_symlink() else "") for p in top.rglob("*"))
+    return sorted(
+        str(p.relative_to(top)) + ("/" if p.is_dir() and not p.is_symlink() else "") for p in top.rglob("*")
+    )
 
 
 def test_a_directory_source_copies_its_contents(src: Path, root: Path) -> None:
@@ -99,7 +101,7 @@ def test_nothing_below_the_destination_is_followed(src: Path, root: Path, tmp_pa
 
 def test_a_file_does_not_replace_a_directory(src: Path, root: Path) -> None:
     (root / "existing" / "file.txt").mkdir()
-    with pytest.raises(ContextError, match="cannot replace the directory /existing/file.txt"):
+    with pytest.raises(ContextError, match=r"cannot replace the directory /existing/file\.txt"):
         copy_sources([_source(src / "file.txt")], root, "/existing/", owner=None, chmod=None)
 
 
@@ -171,3 +173,15 @@ def test_make_dirs_refuses_to_go_through_a_file(root: Path) -> None:
     make_dirs(root, "/a/b/c", Identity(5, 6))
     assert (root / "a" / "b").stat().st_uid == 5
     assert stat.S_IMODE((root / "a" / "b" / "c").stat().st_mode) == 0o755
+
+
+def test_a_file_replaces_a_symlink_in_its_way_but_enters_a_linked_directory(src: Path, root: Path) -> None:
+    (root / "bin").mkdir()
+    (root / "bin" / "busybox").write_text("the real binary")
+    os.symlink("busybox", root / "bin" / "ping")
+    os.symlink("/bin", root / "bin-link")
+    copy_sources([_source(src / "file.txt")], root, "/bin/ping", owner=None, chmod=None)
+    copy_sources([_source(src / "file.txt")], root, "/bin-link", owner=None, chmod=None)
+    assert (root / "bin" / "busybox").read_text() == "the real binary"
+    assert not (root / "bin" / "ping").is_symlink() and (root / "bin" / "ping").read_text() == "file"
+    assert (root / "bin" / "file.txt").read_text() == "file"
