@@ -205,8 +205,13 @@ class BuilderEngine:
         self.template = self.workdir / "template"
         self.root = self.workdir / "store"
         self.log = self.workdir / "log.txt"
-        self.env = {k: v for k, v in os.environ.items() if k not in ("BUILDER_ROOT", "SOURCE_DATE_EPOCH")}
+        unwanted = ("BUILDER_ROOT", "SOURCE_DATE_EPOCH", "PYTHONDONTWRITEBYTECODE")
+        self.env = {k: v for k, v in os.environ.items() if k not in unwanted}
         self.env["BENCH_BUILDER_SRC"] = str(source)
+        # Compiled once, as an installed package is: bytecode goes to a private cache so that the
+        # measured tree is not written to (PYTHONDONTWRITEBYTECODE, set on some machines, would
+        # make every command compile every module again).
+        self.env["PYTHONPYCACHEPREFIX"] = str(self.workdir / "pycache")
         self.profile_dir: Path | None = None  # set to get a cProfile of each build (bench/profile)
 
     def describe(self, revision: str) -> str:
@@ -216,6 +221,12 @@ class BuilderEngine:
         """A template store with the base image loaded and its snapshot unpacked."""
         remove_tree(self.workdir)
         self.workdir.mkdir(parents=True)
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", str(self.source / "builder"), str(PROBE)],
+            env=self.env,
+            check=True,
+            capture_output=True,
+        )
         self._cli("load", f"oci:{self.base_layout}", "-t", "busybox:latest", root=self.template)
         warm = self.workdir / "warm"
         warm.mkdir()

@@ -88,11 +88,15 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per mode (the best is shown)")
     parser.add_argument("--profile", type=Path, help="write a cProfile of the last mode to this file")
     parser.add_argument("--rev", help="measure builder as committed at REV (default: the working tree)")
+    parser.add_argument("--source", type=Path, help="measure the builder package in this tree instead")
     parser.add_argument("--dir", type=Path, default=Path("/tmp"), help="where the tree goes")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="builder-layer-", dir=args.dir))
     try:
-        source, revision = builder_source(args.rev, work)
+        if args.source is not None:
+            source, revision = args.source, str(args.source)
+        else:
+            source, revision = builder_source(args.rev, work)
         sys.path.insert(0, str(source))
         total = args.files * args.size
         print(f"builder {revision}: {args.files:,} files, {total / MIB:,.0f} MiB", flush=True)

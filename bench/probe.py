@@ -42,6 +42,7 @@ HOOKS: tuple[tuple[Any, str, str], ...] = (
     (snapshot, "_run", "mount_cmd"),
     (build_module, "_store_image", "image"),
     (build_module, "_write_output", "export"),
+    (build_module, "publish", "export"),
 )
 
 

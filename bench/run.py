@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quiet-wait",
         type=float,
-        help="seconds to wait before each timed command for the machine to go idle (default 30, quick 0)",
+        help="seconds to wait before each timed command for the machine to go idle (default 10, quick 0)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     return parser
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _log(f"unknown workloads: {', '.join(sorted(unknown))}")
         return 2
     scale = Scale.make(args.quick, args.reps)
-    QUIET["wait"] = args.quiet_wait if args.quiet_wait is not None else (0.0 if args.quick else 30.0)
+    QUIET["wait"] = args.quiet_wait if args.quiet_wait is not None else (0.0 if args.quick else 10.0)
     report_path = args.report or (None if args.quick else BENCH / "RESULTS.md")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="builder-bench-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -431,6 +431,21 @@ def _big_layer_section(run: Run) -> list[str]:
             f"| {label} | {_fmt(after)} | {mib / after:,.0f} | {_fmt(run_time)} | {blob:,.0f} | "
             f"{_ratio(ratio)} | {_fmt(_median([s.peak_mib for s in samples]), 'MiB')} | {detail} |"
         )
+    alone = run.extra.get("big-gzip", {}).get("builder", {})
+    if alone:
+        lines += [
+            "",
+            "builder's `write_layer` alone on the same kind of tree (bench/layer_profile.py: no RUN before",
+            "it, no overlay, the tree's pages clean), each mode adding one piece to the previous:",
+            "",
+            "| write_layer alone | wall | CPU | MiB/s |",
+            "|---|---|---|---|",
+        ]
+        for label, samples in alone.items():
+            wall, cpu = samples[0].wall, samples[0].cpu
+            lines.append(
+                f"| {label.removeprefix('alone-')} | {_fmt(wall)} | {_fmt(cpu)} | {mib / wall:,.0f} |"
+            )
     lines += [
         "",
         *_floor_lines(run, samples_gz=gz.get("builder", []), samples_zs=zs.get("builder", []), size=size),

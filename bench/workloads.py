@@ -11,12 +11,13 @@ from __future__ import annotations
 import random
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from engines import BuilderEngine, BuildKitEngine, EngineError, Sample
+from engines import BENCH, BuilderEngine, BuildKitEngine, EngineError, Sample
 
 Engine = BuilderEngine | BuildKitEngine
 
@@ -223,6 +224,23 @@ class BigLayer(Workload):
     @property
     def size_mib(self) -> float:
         return self.scale.big_files * self.scale.big_file_size / (1 << 20)
+
+    def finish(self, engine: Engine) -> None:
+        """builder's write_layer alone on the same tree (bench/layer_profile.py): no RUN, no overlay."""
+        if self.name != "big-gzip" or not isinstance(engine, BuilderEngine):
+            return
+        argv = [sys.executable, str(BENCH / "layer_profile.py"), "--source", str(engine.source)]
+        argv += ["--files", str(self.scale.big_files), "--size", str(self.scale.big_file_size)]
+        argv += ["--modes", "walk,sha256,gzip,zstd", "--dir", str(self.dir.parent)]
+        result = subprocess.run(argv, env=engine.env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise EngineError(f"bench/layer_profile.py failed:\n{result.stderr[-2000:]}")
+        alone: dict[str, list[Sample]] = {}
+        for line in result.stdout.splitlines():
+            words = line.split()
+            if len(words) == 5 and words[0] in ("walk", "sha256", "gzip", "zstd"):
+                alone[f"alone-{words[0]}"] = [Sample(float(words[1]), float(words[2]), 0.0)]
+        self.extra[engine.name] = alone
 
     def rep(self, engine: Engine, index: int) -> Sample:
         engine.reset()

@@ -65,6 +65,7 @@ class BuildRequest:
     source_date_epoch: int | None = None
     no_cache: bool = False
     network: str = "default"  # for RUN steps without --network: default (the host's), none or host
+    secrets: Mapping[str, bytes] = field(default_factory=dict)  # --secret id → bytes
     no_cache_filter: tuple[str, ...] = ()  # stages (by name or index) to run without the cache
     cache_from: tuple[CacheSpec, ...] = ()
     cache_to: tuple[CacheSpec, ...] = ()
@@ -161,6 +162,7 @@ def _build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
         no_cache=request.no_cache,
         no_cache_filter=request.no_cache_filter,
         network=request.network,
+        secrets=request.secrets,
         dockerfile=str(request.dockerfile_path),
         previous_keys=previous_keys,
     )

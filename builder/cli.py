@@ -80,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--source-date-epoch", type=int, help="timestamps for a reproducible image")
     build.add_argument("--no-cache", action="store_true", help="run every step, ignoring the cache")
     build.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="id=NAME,src=FILE",
+        help="a secret for RUN --mount=type=secret (src=FILE or env=VARIABLE); never stored",
+    )
+    build.add_argument(
         "--verify-reproducible",
         action="store_true",
         help="build twice in clean stores (needs SOURCE_DATE_EPOCH); fail naming the first difference",
@@ -237,6 +244,26 @@ def _config_file() -> dict[str, Any]:
     return parse_config(text, str(path))
 
 
+def _secret(text: str) -> tuple[str, bytes]:
+    """``id=NAME,src=FILE`` or ``id=NAME,env=VARIABLE`` (``id=NAME`` alone: the variable NAME)."""
+    fields = dict(part.partition("=")[::2] for part in text.split(",") if part)
+    name = fields.get("id", "")
+    if not name or not set(fields) <= {"id", "src", "source", "env", "type"}:
+        raise BuilderError(
+            f"--secret {text!r} is not understood; expected id=NAME,src=FILE or id=NAME,env=VARIABLE."
+        )
+    source = fields.get("src") or fields.get("source")
+    if source:
+        try:
+            return name, Path(source).read_bytes()
+        except OSError as exc:
+            raise BuilderError(f"cannot read the secret {name!r} from {source}: {exc.strerror}.") from exc
+    variable = fields.get("env") or name
+    if variable not in os.environ:
+        raise BuilderError(f"the secret {name!r} comes from ${variable}, which is not set.")
+    return name, os.environ[variable].encode()
+
+
 def _build(args: argparse.Namespace, store: Store) -> int:
 
     request = BuildRequest(
@@ -249,6 +276,7 @@ def _build(args: argparse.Namespace, store: Store) -> int:
         compression=args.compression or "gzip",
         compression_level=args.compression_level,
         network=args.network,
+        secrets=dict(_secret(text) for text in args.secret),
         source_date_epoch=args.source_date_epoch,
         no_cache=args.no_cache,
         no_cache_filter=tuple(args.no_cache_filter),

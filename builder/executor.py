@@ -13,14 +13,15 @@ import dataclasses
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from builder.buildcontext import BuildContext
+from builder.buildcontext import BuildContext, entry_digest
 from builder.cachekey import CacheKey, base_key, explain_miss, step_key
 from builder.digest import sha256_digest
 from builder.errors import BuilderError, ContextError, StepFailed
@@ -28,6 +29,7 @@ from builder.fscopy import make_dirs
 from builder.layer import COMPRESSION_ANNOTATION, Compression, write_layer
 from builder.oci import canonical_json, format_time
 from builder.plan import ConfigStep, CopyStep, RunStep, Stage, Step, WorkdirStep
+from builder.runmounts import run_mounts
 from builder.sandbox import SandboxSpec, run_sandboxed
 from builder.snapshot import Mounted, Snapshotter
 from builder.store import Store
@@ -71,7 +73,14 @@ class BuildSettings:
     no_cache_filter: tuple[str, ...]  # stage names or indexes built without the cache
     network: str  # the network of RUN steps that do not choose one
     dockerfile: str  # the Dockerfile's name, for messages
+    secrets: Mapping[str, bytes] = field(default_factory=dict)  # --secret: never keyed or stored
     previous_keys: Mapping[str, Json] = field(default_factory=dict)  # last build's, to explain misses
+
+
+@contextlib.contextmanager
+def _merged(mounting: AbstractContextManager[Mounted]) -> Iterator[Path]:
+    with mounting as mounted:
+        yield mounted.merged
 
 
 class StageExecutor:
@@ -171,6 +180,7 @@ class StageExecutor:
         details: dict[str, dict[str, str]] = {}
         if isinstance(step, RunStep):
             details["env"] = {name: sha256_digest(value.encode()) for name, value in step.env}
+            inputs |= self._bind_inputs(step, sources)
         if isinstance(step, CopyStep):
             inputs["sources"], found = self._source_digest(step, sources)
             if found is not None:
@@ -190,6 +200,27 @@ class StageExecutor:
         except BuilderError as exc:
             raise self._fail(step, str(exc)) from exc
         return sha256_digest(canonical_json(found)), found
+
+    def _bind_inputs(self, step: RunStep, sources: Mapping[int | str, ImageState]) -> Json:
+        """What a RUN's bind mounts show it: context content, or a stage's or image's layers."""
+        inputs: Json = {}
+        for mount in step.mounts:
+            if mount.type != "bind":
+                continue
+            if mount.from_stage is not None or mount.from_image is not None:
+                origin = sources[mount.from_stage if mount.from_stage is not None else str(mount.from_image)]
+                inputs[f"mount:{mount.target}"] = origin.diff_ids
+                continue
+            found: dict[str, str] = {}
+            try:
+                for source in self.context.match(mount.source or "."):
+                    found[source.relpath] = entry_digest(source.relpath, source.path)
+                    for rel, path in self.context.walk(source) if source.path.is_dir() else ():
+                        found[f"{source.relpath}/{rel}"] = entry_digest(f"{source.relpath}/{rel}", path)
+            except BuilderError as exc:
+                raise self._fail(step, str(exc)) from exc
+            inputs[f"mount:{mount.target}"] = sha256_digest(canonical_json(found))
+        return inputs
 
     def _origin_digests(self, step: CopyStep, origin: ImageState) -> dict[str, str]:
         """The content of the paths copied from a stage or image, as BuildKit keys COPY --from.
@@ -226,7 +257,7 @@ class StageExecutor:
         lowers = [] if isinstance(step, CopyStep) and step.link else state.diff_ids
         with self.snapshots.mount(lowers, self.workdir, writable=True) as mounted:
             if isinstance(step, RunStep):
-                self._run(step, mounted)
+                self._run(step, mounted, sources)
             elif isinstance(step, CopyStep):
                 self._copy(step, mounted, sources, state)
             elif isinstance(step, WorkdirStep):
@@ -267,23 +298,36 @@ class StageExecutor:
     def _fail(self, step: Step, message: str) -> BuilderError:
         return StepFailed(f"{self.settings.dockerfile}:{step.line}: {message}")
 
-    def _run(self, step: RunStep, mounted: Mounted) -> None:
+    def _run(self, step: RunStep, mounted: Mounted, sources: Mapping[int | str, ImageState]) -> None:
+        def open_origin(stage: int | None, image: str | None) -> AbstractContextManager[Path]:
+            origin = sources[stage if stage is not None else str(image)]
+            return _merged(self.snapshots.mount(origin.diff_ids, self.workdir, writable=False))
+
         try:
             identity = resolve_user(mounted.merged, step.user)
+            with run_mounts(
+                step,
+                scratch=self.workdir / f"run-{step.line}",
+                cache_root=self.store.root / "cachemounts",
+                context=self.context,
+                secrets=self.settings.secrets,
+                open_origin=open_origin,
+            ) as (binds, extra_env):
+                spec = SandboxSpec(
+                    root=str(mounted.merged),
+                    argv=step.argv,
+                    env=tuple({**dict(step.env), **extra_env}.items()),
+                    cwd=step.workdir,
+                    uid=identity.uid,
+                    gid=identity.gid,
+                    groups=identity.groups,
+                    network=self._network(step),
+                    binds=binds,
+                )
+                sys.stdout.flush()
+                status = run_sandboxed(spec, stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno())
         except BuilderError as exc:
             raise self._fail(step, str(exc)) from exc
-        spec = SandboxSpec(
-            root=str(mounted.merged),
-            argv=step.argv,
-            env=step.env,
-            cwd=step.workdir,
-            uid=identity.uid,
-            gid=identity.gid,
-            groups=identity.groups,
-            network=self._network(step),
-        )
-        sys.stdout.flush()
-        status = run_sandboxed(spec, stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno())
         if status != 0:
             command = " ".join(step.argv)
             what = "could not be started" if status == 125 else f"exited with status {status}"

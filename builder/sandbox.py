@@ -388,6 +388,8 @@ def _enter_root(spec: SandboxSpec, points: _MountPoints, etc_files: dict[str, st
     for name, target in points.etc.items():
         _bind(etc_files[name], target, readonly=True)
     for bind, target in points.binds:
+        # a target below /dev is on the fresh tmpfs there, which hides the stub made for it
+        _ensure_mount_point(target, directory=os.path.isdir(bind.source))
         _bind(bind.source, target, readonly=bind.readonly)
     _pivot_root(spec.root)
 
@@ -483,6 +485,16 @@ class _MountPoints:
     sys: str
     etc: dict[str, str]  # /etc file name -> host path
     binds: tuple[tuple[BindMount, str], ...]
+
+
+def _ensure_mount_point(path: str, *, directory: bool) -> None:
+    if os.path.lexists(path):
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if directory:
+        os.mkdir(path)
+    else:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
 
 
 def _make_mount_points(spec: SandboxSpec, stubs: _Stubs) -> _MountPoints:

@@ -69,7 +69,9 @@ def test_output_is_accepted_by_skopeo_and_umoci(tmp_path: Path, store: Path) -> 
     out = tmp_path / "oci"
     run_builder("build", "-t", "demo:1", "--output", f"type=oci,dest={out}", str(context), root=store)
 
-    inspected = json.loads(subprocess.run(["skopeo", "inspect", f"oci:{out}:1"], capture_output=True, check=True).stdout)
+    inspected = json.loads(
+        subprocess.run(["skopeo", "inspect", f"oci:{out}:1"], capture_output=True, check=True).stdout
+    )
     assert len(inspected["Layers"]) == 5
     bundle = tmp_path / "bundle"
     subprocess.run(["umoci", "unpack", "--image", f"{out}:1", str(bundle)], capture_output=True, check=True)
@@ -86,7 +88,9 @@ def test_oci_archive_output_is_accepted_by_skopeo(tmp_path: Path, store: Path) -
     archive = tmp_path / "image.tar"
     run_builder("build", "-t", "demo:2", "--output", f"type=oci,dest={archive}", str(context), root=store)
     inspected = json.loads(
-        subprocess.run(["skopeo", "inspect", f"oci-archive:{archive}"], capture_output=True, check=True).stdout
+        subprocess.run(
+            ["skopeo", "inspect", f"oci-archive:{archive}"], capture_output=True, check=True
+        ).stdout
     )
     assert len(inspected["Layers"]) == 2
     with tarfile.open(archive) as tar:
@@ -125,7 +129,9 @@ def test_changed_copy_source_rebuilds_from_that_step(tmp_path: Path, store: Path
 def test_zstd_layers_have_the_zstd_media_type(tmp_path: Path, store: Path) -> None:
     context = _context(tmp_path, "FROM busybox:latest\nRUN echo z > /z\n")
     out = tmp_path / "oci"
-    run_builder("build", "-t", "z:1", "--compression", "zstd", "-o", f"type=oci,dest={out}", str(context), root=store)
+    run_builder(
+        "build", "-t", "z:1", "--compression", "zstd", "-o", f"type=oci,dest={out}", str(context), root=store
+    )
     layers = read_manifest(out, "1")["layers"]
     assert layers[-1]["mediaType"] == "application/vnd.oci.image.layer.v1.tar+zstd"
     assert layer_members(out, "1")[-1] == ["z"]
@@ -158,7 +164,9 @@ RUN echo "$GREETING $(pwd) $(id -u):$(id -g) $(id -G) $PATH" > /tmp/out
 
 def test_source_date_epoch_gives_identical_digests(tmp_path: Path, store: Path, busybox_layout: Path) -> None:
     context = _context(tmp_path, FIVE_STEPS, {"app.conf": "key=value\n"})
-    first = run_builder("build", "--no-cache", str(context), root=store, env={"SOURCE_DATE_EPOCH": "1700000000"})
+    first = run_builder(
+        "build", "--no-cache", str(context), root=store, env={"SOURCE_DATE_EPOCH": "1700000000"}
+    )
     other_store = tmp_path / "store2"
     run_builder("load", f"oci:{busybox_layout}", "-t", "busybox:latest", root=other_store)
     (context / "app.conf").touch()  # another mtime must not matter
@@ -171,8 +179,16 @@ def test_source_date_epoch_gives_identical_digests(tmp_path: Path, store: Path, 
     ("dockerfile", "files", "message"),
     [
         ("FROM busybox:latest\nFROBNICATE x\n", {}, "Dockerfile:2: unknown instruction FROBNICATE"),
-        ("FROM busybox:latest\nRUN exit 3\n", {}, "Dockerfile:2: RUN '/bin/sh -c exit 3' exited with status 3."),
-        ("FROM busybox:latest\nCOPY missing.txt /\n", {}, "Dockerfile:2: COPY source 'missing.txt' is not in the build"),
+        (
+            "FROM busybox:latest\nRUN exit 3\n",
+            {},
+            "Dockerfile:2: RUN '/bin/sh -c exit 3' exited with status 3.",
+        ),
+        (
+            "FROM busybox:latest\nCOPY missing.txt /\n",
+            {},
+            "Dockerfile:2: COPY source 'missing.txt' is not in the build",
+        ),
         ("FROM nosuch:1\n", {}, "the image nosuch:1 is not in the store"),
         ("FROM busybox:latest\nUSER ghost\nRUN true\n", {}, "Dockerfile:3: unable to find user 'ghost'"),
     ],
@@ -206,7 +222,18 @@ def test_config_file_sets_defaults_that_flags_override(tmp_path: Path, store: Pa
     run_builder("build", "-t", "c:1", "-o", f"type=oci,dest={out}", str(context), root=store, env=env)
     assert read_manifest(out, "1")["layers"][-1]["mediaType"].endswith("+zstd")
     bundle = tmp_path / "bundle"
-    run_builder("build", "-t", "c:2", "--compression", "gzip", "-o", f"type=oci,dest={out}", str(context), root=store, env=env)
+    run_builder(
+        "build",
+        "-t",
+        "c:2",
+        "--compression",
+        "gzip",
+        "-o",
+        f"type=oci,dest={out}",
+        str(context),
+        root=store,
+        env=env,
+    )
     assert read_manifest(out, "2")["layers"][-1]["mediaType"].endswith("+gzip")
     subprocess.run(["umoci", "unpack", "--image", f"{out}:2", str(bundle)], capture_output=True, check=True)
     assert (bundle / "rootfs/links").read_text().split() == ["lo"], "network: none leaves only loopback"

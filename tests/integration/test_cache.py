@@ -36,7 +36,11 @@ def _context(root: Path) -> Path:
 
 
 def _ran(stderr: str) -> list[str]:
-    return [line.split("]", 1)[1].split("  (not cached")[0].strip() for line in stderr.splitlines() if "(not cached" in line]
+    return [
+        line.split("]", 1)[1].split("  (not cached")[0].strip()
+        for line in stderr.splitlines()
+        if "(not cached" in line
+    ]
 
 
 def test_another_checkout_with_other_mtimes_hits(tmp_path: Path, store: Path) -> None:
@@ -56,7 +60,10 @@ def test_a_changed_file_rebuilds_from_its_copy_and_says_why(tmp_path: Path, stor
     run_builder("build", str(context), root=store)
     (context / "second.txt").write_text("changed\n")
     again = run_builder("build", str(context), root=store)
-    assert _ran(again.stderr) == ["COPY second.txt /second.txt", "RUN /bin/sh -c cat /first.txt /second.txt > /both"]
+    assert _ran(again.stderr) == [
+        "COPY second.txt /second.txt",
+        "RUN /bin/sh -c cat /first.txt /second.txt > /both",
+    ]
     assert "COPY second.txt /second.txt  (not cached: source second.txt changed)" in again.stderr
     assert "(not cached: an earlier step changed)" in again.stderr
 
@@ -95,7 +102,9 @@ def test_exported_cache_makes_a_fresh_store_run_nothing(
         "FROM busybox:latest\nCOPY --from=deps /deps /deps\nRUN echo app > /app\n"
     )
     cache = tmp_path / "cache"
-    first = run_builder("build", "--cache-to", f"type=local,dest={cache},mode={mode}", str(context), root=store)
+    first = run_builder(
+        "build", "--cache-to", f"type=local,dest={cache},mode={mode}", str(context), root=store
+    )
     fresh = tmp_path / "fresh-store"
     run_builder("load", f"oci:{busybox_layout}", "-t", "busybox:latest", root=fresh)
     again = run_builder("build", "--cache-from", f"type=local,src={cache}", str(context), root=fresh)
@@ -106,7 +115,9 @@ def test_exported_cache_makes_a_fresh_store_run_nothing(
 
 def test_a_missing_cache_source_is_a_warning(tmp_path: Path, store: Path) -> None:
     context = _context(tmp_path / "c")
-    result = run_builder("build", "--cache-from", f"type=local,src={tmp_path / 'none'}", str(context), root=store)
+    result = run_builder(
+        "build", "--cache-from", f"type=local,src={tmp_path / 'none'}", str(context), root=store
+    )
     assert "warning: the cache from" in result.stderr
 
 
@@ -119,7 +130,10 @@ def test_four_concurrent_builds_share_one_store(tmp_path: Path, store: Path) -> 
     env = {**os.environ, "BUILDER_ROOT": str(store), "SOURCE_DATE_EPOCH": "1000"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "builder", "build", "-q", str(c)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            [sys.executable, "-m", "builder", "build", "-q", str(c)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         for c in contexts
     ]
@@ -143,7 +157,9 @@ def test_prune_keeps_tagged_images_and_drops_the_rest(tmp_path: Path, store: Pat
     assert "removed 7 cache records" in result
     after = run_builder("du", root=store).stdout
     assert "cache records\t0" in after and before != after
-    again = run_builder("build", "-t", "kept:1", "-o", f"type=oci,dest={tmp_path / 'out'}", str(context), root=store)
+    again = run_builder(
+        "build", "-t", "kept:1", "-o", f"type=oci,dest={tmp_path / 'out'}", str(context), root=store
+    )
     assert "(5 steps run)" in again.stderr
     assert run_builder("inspect", "kept:1", root=store).returncode == 0
     rebuilt = run_builder("build", "-t", "kept:1", str(context), root=store)
@@ -165,7 +181,9 @@ def test_prune_keep_storage_drops_least_recently_used_first(tmp_path: Path, stor
     run_builder("build", str(context), root=store)
     result = run_builder("prune", "--keep-storage", "0", root=store).stdout
     assert "removed 5 cache records" in result
-    assert "blobs\t3\t" in run_builder("du", root=store).stdout, "only busybox's manifest, config and layer remain"
+    assert "blobs\t3\t" in run_builder("du", root=store).stdout, (
+        "only busybox's manifest, config and layer remain"
+    )
 
 
 def test_cache_through_a_registry_makes_a_fresh_store_run_nothing(
@@ -191,6 +209,11 @@ def test_a_failed_cache_export_warns_unless_asked_to_fail(tmp_path: Path, store:
     ok = run_builder("build", "--cache-to", f"type=local,dest={blocked}", str(context), root=store)
     assert "warning: the cache export to" in ok.stderr
     failed = run_builder(
-        "build", "--cache-to", f"type=local,dest={blocked},ignore-error=false", str(context), root=store, check=False
+        "build",
+        "--cache-to",
+        f"type=local,dest={blocked},ignore-error=false",
+        str(context),
+        root=store,
+        check=False,
     )
     assert failed.returncode == 1 and "cannot export the cache" in failed.stderr

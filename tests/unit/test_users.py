@@ -38,7 +38,12 @@ def test_unknown_user_is_an_error(root: Path) -> None:
 
 @pytest.mark.parametrize(
     ("spec", "identity"),
-    [("app", Identity(1000, 1000)), ("app:staff", Identity(1000, 50)), ("7", Identity(7, 7)), ("7:8", Identity(7, 8))],
+    [
+        ("app", Identity(1000, 1000)),
+        ("app:staff", Identity(1000, 50)),
+        ("7", Identity(7, 7)),
+        ("7:8", Identity(7, 8)),
+    ],
 )
 def test_chown_uses_the_uid_as_gid_without_a_group(root: Path, spec: str, identity: Identity) -> None:
     assert resolve_chown(root, spec) == identity
