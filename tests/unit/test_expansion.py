@@ -211,9 +211,7 @@ MATCHES = [
 
 
 @pytest.mark.parametrize(("word", "env", "expected", "used"), MATCHES)
-def test_buildkit_process_with_matches(
-    word: str, env: dict[str, str], expected: str, used: set[str]
-) -> None:
+def test_buildkit_process_with_matches(word: str, env: dict[str, str], expected: str, used: set[str]) -> None:
     assert expand_word(word, env) == Expanded(expected, frozenset(used))
 
 
