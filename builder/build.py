@@ -125,7 +125,7 @@ def plan_build(
         raise DockerfileError(f"is not UTF-8 text (byte {exc.start})", filename=str(path), line=line) from exc
     dockerfile = parse_dockerfile(text, str(path))
     auto_args = platform_args("linux", host_arch())
-    bases = base_images(dockerfile, request.build_args, auto_args)
+    bases = base_images(dockerfile, request.build_args, auto_args, request.target)
     images = {ref: _image_state(store, ref, request, log) for ref in bases}
     plan = make_plan(
         dockerfile,
@@ -169,6 +169,8 @@ def _build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
     for spec in request.cache_from:
         _import_cache(store, spec, request.registry, log)
     plan, images = plan_build(request, store, log)
+    for warning in plan.warnings:
+        log(f"warning: {warning}")
     context = BuildContext.load(request.context, request.dockerfile_path)
     snapshots = Snapshotter(store)
     results: dict[int | str, ImageState] = dict(images.items())
