@@ -281,7 +281,18 @@ class _Checker:
             elif path.name != "empty" and not any(
                 self.layer_problem(desc, diff_id) is None for desc in self.store.layer_blobs(diff_id)
             ):
-                self.problem(path, f"no sound stored blob holds layer {diff_id}.", _remove(path))
+                self.problem(
+                    path, f"no sound stored blob holds layer {diff_id}.", self._remove_snapshot(path)
+                )
+
+    def _remove_snapshot(self, path: Path) -> Callable[[], None]:
+        def remove() -> None:
+            shutil.rmtree(path)
+            for link in (self.root / "l").iterdir():  # its short name, for overlay mounts
+                if link.is_symlink() and os.readlink(link) == f"../snapshots/{path.name}":
+                    link.unlink()
+
+        return remove
 
     def links(self) -> None:
         for link in self.entries("short links", "l"):

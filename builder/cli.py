@@ -201,12 +201,18 @@ def _image_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: the running step is killed, mounts undone
+    """SIGTERM and Ctrl-C unwind: the running step is killed, mounts undone, temp dirs removed.
+    A second signal would cut that cleanup short, so from now on both are ignored."""
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # as a background job's is
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         if args.command == "build":
             try:

@@ -141,11 +141,12 @@ class Snapshotter:
             raise self.store.storage_error(exc) from exc
         if len(options) >= _PAGE:
             raise LayerError(f"the overlay mount options for {len(diff_ids)} layers exceed one page.")
-        _run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)], cwd=self.root)
-        try:
+        try:  # an interrupt may come while mount(8) runs: unmount whatever it got to mount
+            _run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)], cwd=self.root)
             yield Mounted(merged, upper)
         finally:
-            _run(["umount", str(merged)], cwd=self.root)
+            if os.path.ismount(merged):
+                _run(["umount", str(merged)], cwd=self.root)
             # the upper dir outlives the mount: the caller diffs it, then commits or drops it
             for leftover in (merged, scratch / "work"):
                 shutil.rmtree(leftover, ignore_errors=True)

@@ -374,7 +374,15 @@ class Store:
         try:
             yield path
         finally:
-            shutil.rmtree(path, ignore_errors=True)
+            # The lock file goes last: a dir this cannot empty (a mount still on it) keeps its
+            # lock, so the next build can tell it is stale and remove it.
+            for child in path.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                elif child.name != ".lock":
+                    child.unlink(missing_ok=True)
+            if [child.name for child in path.iterdir()] == [".lock"]:
+                shutil.rmtree(path, ignore_errors=True)
             os.close(fd)
 
     def stale_temp(self, *, remove: bool) -> list[Path]:
