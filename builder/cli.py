@@ -200,15 +200,28 @@ def _image_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser
     push.set_defaults(handler=_push)
 
 
+_interrupted = False  # set by the first SIGTERM or Ctrl-C
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM and Ctrl-C unwind: the running step is killed, mounts undone, temp dirs removed.
-    A second signal would cut that cleanup short, so from now on both are ignored."""
-    for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, signal.SIG_IGN)
-    raise KeyboardInterrupt
+    """SIGTERM and Ctrl-C unwind as KeyboardInterrupt: the running step is killed, mounts
+    undone, temp dirs removed. Only the first signal raises: a second would cut that short."""
+    global _interrupted
+    if not _interrupted:
+        _interrupted = True
+        raise KeyboardInterrupt
+
+
+def _raise_if_interrupted() -> None:
+    """Raise again an interrupt that Python swallowed (one raised while a finaliser ran is only
+    printed), so that the build still stops at its next step."""
+    if _interrupted:
+        raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global _interrupted
+    _interrupted = False
     args = _parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # as a background job's is
@@ -220,12 +233,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             except OSError as exc:
                 raise SandboxError(f"builder needs root to build: {exc}") from exc
         return _dispatch(args)
-    except BuilderError as exc:
+    except (Exception, KeyboardInterrupt) as exc:
+        # An error raised while an interrupt unwound (a cleanup it cut short) is the interrupt's.
+        if _interrupted or isinstance(exc, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if not isinstance(exc, BuilderError):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -295,7 +311,12 @@ def _build(args: argparse.Namespace, store: Store) -> int:
         plan, _ = plan_build(request, store)
         print(json.dumps(plan.to_json(), indent=2, sort_keys=True))
         return 0
-    log = (lambda _line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+
+    def log(line: str) -> None:
+        _raise_if_interrupted()
+        if not args.quiet:
+            print(line, file=sys.stderr, flush=True)
+
     result = (verify_build if args.verify_reproducible else build)(request, store, log)
     for name in result.unused_args:
         print(f"warning: build arg {name} is not consumed by any ARG", file=sys.stderr)
@@ -416,6 +437,7 @@ def _push(args: argparse.Namespace, store: Store) -> int:
 
 
 def _log(line: str) -> None:
+    _raise_if_interrupted()
     print(line, file=sys.stderr, flush=True)
 
 

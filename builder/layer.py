@@ -31,6 +31,7 @@ from isal import igzip, igzip_threaded
 
 from builder.digest import HashingWriter
 from builder.errors import LayerError
+from builder.signals import deferred_signals
 from builder.tarsafe import OPAQUE_XATTR, WHITEOUT_OPAQUE, WHITEOUT_PREFIX, apply_layer
 
 if TYPE_CHECKING:
@@ -438,7 +439,12 @@ class _Closable(_Sink, Protocol):
 
 
 class _Blocks:
-    """Hands the compressor whole ``_BLOCK``-sized pieces, whatever sizes the writer used."""
+    """Hands the compressor whole ``_BLOCK``-sized pieces, whatever sizes the writer used.
+
+    An interrupt waits for each call into the compressor to return: igzip_threaded holds a lock
+    meanwhile, and a KeyboardInterrupt raised inside would leave it held, so that closing the
+    compressor (on the way out, or as Python exits) would wait for it forever.
+    """
 
     def __init__(self, sink: _Closable) -> None:
         self.sink = sink
@@ -447,15 +453,17 @@ class _Blocks:
     def write(self, data: bytes | memoryview, /) -> int:
         self.buf += data
         while len(self.buf) >= _BLOCK:
-            self.sink.write(bytes(self.buf[:_BLOCK]))
+            with deferred_signals():
+                self.sink.write(bytes(self.buf[:_BLOCK]))
             del self.buf[:_BLOCK]
         return len(data)
 
     def close(self) -> None:
-        if self.buf:
-            self.sink.write(bytes(self.buf))
-            self.buf.clear()
-        self.sink.close()
+        with deferred_signals():
+            if self.buf:
+                self.sink.write(bytes(self.buf))
+                self.buf.clear()
+            self.sink.close()
 
 
 def _level(compression: Compression, level: int | None, default: int, top: int) -> int:
@@ -499,7 +507,7 @@ def _compressing(dest: HashingWriter, compression: Compression, level: int | Non
     try:
         yield blocks
     except BaseException:
-        with suppress(Exception):  # stop the compressor's threads; the blob is garbage anyway
+        with suppress(Exception), deferred_signals():  # stop its threads; the blob is garbage
             blocks.sink.close()
         raise
     blocks.close()

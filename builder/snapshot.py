@@ -22,6 +22,7 @@ from pathlib import Path
 from builder.digest import digest_hex
 from builder.errors import LayerError, StoreError
 from builder.layer import apply_blob
+from builder.signals import deferred_signals
 from builder.store import Store
 
 __all__ = ["MAX_LAYERS", "Mounted", "Snapshotter"]
@@ -145,13 +146,14 @@ class Snapshotter:
             _run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)], cwd=self.root)
             yield Mounted(merged, upper)
         finally:
-            if os.path.ismount(merged):
-                _run(["umount", str(merged)], cwd=self.root)
-            # the upper dir outlives the mount: the caller diffs it, then commits or drops it
-            for leftover in (merged, scratch / "work"):
-                shutil.rmtree(leftover, ignore_errors=True)
-            if upper is None:
-                shutil.rmtree(scratch, ignore_errors=True)
+            with deferred_signals():
+                if os.path.ismount(merged):
+                    _run(["umount", str(merged)], cwd=self.root)
+                # the upper dir outlives the mount: the caller diffs it, then commits or drops it
+                for leftover in (merged, scratch / "work"):
+                    shutil.rmtree(leftover, ignore_errors=True)
+                if upper is None:
+                    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _run(argv: list[str], cwd: Path) -> None:

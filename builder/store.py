@@ -35,6 +35,7 @@ from typing import Any, BinaryIO
 
 from builder.digest import digest_hex, is_digest, sha256_digest
 from builder.errors import StoreError
+from builder.signals import deferred_signals
 
 __all__ = ["BlobWriter", "Store", "default_root"]
 
@@ -147,16 +148,19 @@ class Store:
     @contextlib.contextmanager
     def blob_writer(self) -> Iterator[BlobWriter]:
         """A writer whose temp file is removed unless committed."""
-        writer = BlobWriter(self)
+        writer = None
         try:
+            with deferred_signals():  # made whole, or not at all: never a temp file unknown here
+                writer = BlobWriter(self)
             yield writer
         except OSError as exc:
             if exc.errno in _STORAGE_ERRNOS:
                 raise self.storage_error(exc) from exc
             raise
         finally:
-            if writer.path.exists():
-                writer.discard()
+            with deferred_signals():
+                if writer is not None and writer.path.exists():
+                    writer.discard()
 
     def write_blob(self, data: bytes) -> str:
         digest = sha256_digest(data)
@@ -200,18 +204,19 @@ class Store:
     # small JSON records, each replaced atomically
 
     def _write_record(self, path: Path, document: Any) -> None:
-        fd, name = self.temp_file("rec-")
-        try:
-            with os.fdopen(fd, "w") as file:
-                json.dump(document, file, sort_keys=True)
-                file.flush()
-                os.fsync(file.fileno())
-                os.replace(name, path)  # before the close ends the lock that marks it in use
-        except BaseException as exc:
-            name.unlink(missing_ok=True)
-            if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
-                raise self.storage_error(exc) from exc
-            raise
+        with deferred_signals():  # a small file: written whole, never left half way in tmp/
+            fd, name = self.temp_file("rec-")
+            try:
+                with os.fdopen(fd, "w") as file:
+                    json.dump(document, file, sort_keys=True)
+                    file.flush()
+                    os.fsync(file.fileno())
+                    os.replace(name, path)  # before the close ends the lock that marks it in use
+            except BaseException as exc:
+                name.unlink(missing_ok=True)
+                if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+                    raise self.storage_error(exc) from exc
+                raise
 
     @staticmethod
     def _read_record(path: Path) -> Any:
@@ -360,6 +365,19 @@ class Store:
     def workdir(self) -> Iterator[Path]:
         """A private temp dir for one build, locked while in use and removed afterwards."""
         self.remove_stale_workdirs()
+        made = None
+        try:
+            with deferred_signals():  # made whole, or not at all: never a dir unknown here
+                made = self._new_workdir()
+            yield made[0]
+        finally:
+            with deferred_signals():
+                if made is not None:
+                    self._remove_workdir(made[0])
+                    os.close(made[1])
+
+    def _new_workdir(self) -> tuple[Path, int]:
+        """A new dir in tmp/ and the descriptor of its flock()ed lock file."""
         while True:
             try:
                 path = Path(tempfile.mkdtemp(dir=self.root / "tmp", prefix="build-"))
@@ -369,21 +387,20 @@ class Store:
             fcntl.flock(fd, fcntl.LOCK_EX)
             with contextlib.suppress(FileNotFoundError):
                 if os.stat(path / ".lock").st_ino == os.fstat(fd).st_ino:
-                    break
+                    return path, fd
             os.close(fd)  # a cleaner took it for stale between creating and locking it
-        try:
-            yield path
-        finally:
-            # The lock file goes last: a dir this cannot empty (a mount still on it) keeps its
-            # lock, so the next build can tell it is stale and remove it.
-            for child in path.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child, ignore_errors=True)
-                elif child.name != ".lock":
-                    child.unlink(missing_ok=True)
-            if [child.name for child in path.iterdir()] == [".lock"]:
-                shutil.rmtree(path, ignore_errors=True)
-            os.close(fd)
+
+    @staticmethod
+    def _remove_workdir(path: Path) -> None:
+        # The lock file goes last: a dir this cannot empty (a mount still on it) keeps its
+        # lock, so the next build can tell it is stale and remove it.
+        for child in path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            elif child.name != ".lock":
+                child.unlink(missing_ok=True)
+        if [child.name for child in path.iterdir()] == [".lock"]:
+            shutil.rmtree(path, ignore_errors=True)
 
     def stale_temp(self, *, remove: bool) -> list[Path]:
         """Work dirs and temp files in tmp/ that no process holds: left by one that was killed.

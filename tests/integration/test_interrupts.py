@@ -183,7 +183,7 @@ def test_interrupts_at_random_moments_always_clean_up(tmp_path: Path, store: Pat
     assert timed.finish() == 0
     interrupted = 0
     for attempt in range(12):
-        line, delay = rng.randrange(len(timed.lines) - 1), rng.uniform(0, 0.05)
+        line, delay = rng.randrange(1, len(timed.lines)), rng.uniform(0, 0.05)
         build = Build(ctx, store, *(["--no-cache"] if attempt % 4 else []))  # a cached build too
         build.wait_for_lines(line)
         time.sleep(delay)

@@ -1,0 +1,28 @@
+"""Holding interrupts back while something must not be cut in half.
+
+SIGINT and SIGTERM unwind a build as KeyboardInterrupt, which Python raises between any two
+bytecodes: inside a cleanup (which then stops half done) or inside a library that holds a
+lock at that moment (which then deadlocks on its next call). Such sections run with both
+signals blocked; a signal that comes meanwhile is delivered, and raised, right after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+
+__all__ = ["deferred_signals"]
+
+_STOP = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Block SIGINT and SIGTERM for the block's duration (in this thread, where Python runs its
+    signal handlers when it is the main one)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
