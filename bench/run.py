@@ -268,13 +268,19 @@ def machine_info(workdir: Path) -> dict[str, str]:
             model = line.split(":", 1)[1].strip()
             break
     mem = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1]
-    fstype = subprocess.run(["stat", "-f", "-c", "%T", str(workdir)], capture_output=True, text=True)
+    mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
+    where = str(workdir.resolve())
+    mount = max(
+        (m for m in mounts if where == m[1] or where.startswith(m[1].rstrip("/") + "/")),
+        key=lambda m: len(m[1]),
+        default=["?", "/", "unknown", ""],
+    )
     return {
         "cpu": f"{model}, {len(os.sched_getaffinity(0))} cores",
         "memory": f"{int(mem) / (1 << 20):.1f} GiB",
         "kernel": platform.release(),
         "os": _os_name(),
-        "filesystem": f"{fstype.stdout.strip()} ({workdir.parent})",
+        "filesystem": f"{mount[2]} on {mount[0]}, mounted at {mount[1]} ({mount[3]})",
         "python": sys.version.split()[0],
         "load at the start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }

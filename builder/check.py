@@ -37,7 +37,6 @@ __all__ = ["CheckResult", "Problem", "check_store"]
 
 Json = dict[str, Any]
 _CHUNK = 1 << 20
-_UNPACK_PREFIXES = (".unpack-",)  # snapshot staging dirs of older builders, never in use now
 
 
 @dataclass(frozen=True)
@@ -274,9 +273,7 @@ class _Checker:
     def snapshots(self) -> None:
         for path in self.entries("snapshots", "snapshots"):
             diff_id = f"sha256:{path.name}"
-            if path.name.startswith(_UNPACK_PREFIXES):
-                self.problem(path, "a layer unpack was left half done.", _remove(path))
-            elif path.name != "empty" and not is_digest(diff_id):
+            if path.name != "empty" and not is_digest(diff_id):
                 self.problem(path, "this is not a snapshot: the name is not a layer digest.", _remove(path))
             elif path.name != "empty" and not any(
                 self.layer_problem(desc, diff_id) is None for desc in self.store.layer_blobs(diff_id)
@@ -303,8 +300,8 @@ class _Checker:
                 self.problem(link, "the short layer link is dangling or points elsewhere.", _remove(link))
 
     def temp(self) -> None:
+        self.checked["temp entries"] = sum(1 for p in (self.root / "tmp").iterdir() if p.suffix != ".lock")
         stale = self.store.stale_temp(remove=False)
-        self.checked["temp entries"] = len(stale)
         for path in stale:
             self.problem(path, "a build, load or pull that was killed left this behind.", _remove(path))
 

@@ -223,8 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     global _interrupted
     _interrupted = False
     args = _parser().parse_args(argv)
+    previous = {stop: signal.getsignal(stop) for stop in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _interrupt)
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # as a background job's is
+    if previous[signal.SIGINT] is not signal.SIG_IGN:  # as a background job's is
         signal.signal(signal.SIGINT, _interrupt)
     try:
         if args.command == "build":
@@ -242,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    finally:  # done: a signal no longer unwinds anything (SIGTERM now just ends the process)
+        for stop, handler in previous.items():
+            if handler is not None:
+                signal.signal(stop, handler)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

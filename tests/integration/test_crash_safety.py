@@ -150,6 +150,28 @@ def test_sigkill_at_random_moments_never_damages_the_store(
     assert mid_build >= kills // 2, f"seed {seed}: only {mid_build} of {kills} kills came mid-build"
 
 
+def test_concurrent_builds_and_a_check_share_one_store(store: Path, crash_context: tuple[Path, str]) -> None:
+    """Builds on one store run side by side (as on a CI runner), a check waits for them."""
+    context, _ = crash_context
+    env = {**os.environ, **EPOCH, "BUILDER_ROOT": str(store)}
+    commands = [
+        build_command(context),
+        build_command(context, "--no-cache"),
+        build_command(context, "--build-arg", "V=1"),
+        [sys.executable, "-m", "builder", "check"],
+        build_command(context, "--build-arg", "V=2", "--no-cache"),
+    ]
+    procs = [
+        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for c in commands
+    ]
+    results = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * len(procs), [err for _, err in results]
+    digests = [out.strip() for out, _ in results]
+    assert digests[0] == digests[1] and len(set(digests[:3] + digests[4:])) == 3
+    assert run_builder("check", root=store, check=False).returncode == 0
+
+
 def test_check_finds_and_repairs_damage(tmp_path: Path, store: Path, busybox_layout: Path) -> None:
     context = tmp_path / "context"
     context.mkdir()

@@ -143,19 +143,23 @@ def plan_text(
 
 
 def check_text(
-    text: str, build_args: Mapping[str, str] | None = None, config: dict[str, Any] | None = None
-) -> Plan | None:
-    """Plan ``text``: a plan whose lines are in the file, or an error located in the file."""
+    text: str,
+    build_args: Mapping[str, str] | None = None,
+    config: dict[str, Any] | None = None,
+    target: str | None = None,
+) -> None:
+    """Plan ``text``: a plan of plain data whose steps are lines of the file, or an error
+    located in the file."""
     try:
-        plan = plan_text(text, build_args=build_args or {}, config=config or {"config": {}})
+        plan = plan_text(text, build_args=build_args or {}, config=config or {"config": {}}, target=target)
     except BuilderError as exc:
         assert_located(str(exc), "Dockerfile", text)
-        return None
+        return
     canonical_json(plan.to_json())  # what --print plan and the cache keys are made from
-    for stage in plan.stages:
-        for step in stage.steps:
-            assert 1 <= step.line <= text.count("\n") + 1
-    return plan
+    steps = [step for stage in plan.stages for step in stage.steps]
+    assert all(1 <= step.line <= text.count("\n") + 1 for step in steps)
+    copies = [step for step in steps if hasattr(step, "from_image")]
+    assert all(step.from_image != "" for step in copies), "COPY --from= must not name an empty image"
 
 
 @FUZZ
@@ -172,14 +176,7 @@ def check_text(
 def test_generated_dockerfiles_plan_or_fail_with_a_location(
     text: str, build_args: dict[str, str], config: dict[str, Any], target: str | None
 ) -> None:
-    try:
-        plan = plan_text(text, build_args=build_args, config=config, target=target)
-    except BuilderError as exc:
-        assert_located(str(exc), "Dockerfile", text)
-        return
-    canonical_json(plan.to_json())
-    copies = [s for stage in plan.stages for s in stage.steps if hasattr(s, "from_image")]
-    assert all(step.from_image != "" for step in copies), "COPY --from= must not name an empty image"
+    check_text(text, build_args, config, target)
 
 
 @FUZZ
