@@ -169,7 +169,7 @@ class SandboxSpec:
 
     def describe(self) -> str:
         """A shell command line that replays this step by hand (as root, root still mounted)."""
-        return shlex.join([sys.executable or "python3", "-I", _SCRIPT, "--json", self.to_json()])
+        return shlex.join([sys.executable or "python3", "-I", "-S", _SCRIPT, "--json", self.to_json()])
 
 
 def run_sandboxed(
@@ -187,7 +187,7 @@ def run_sandboxed(
     A new session keeps a terminal's Ctrl-C away from the tree: the builder alone stops it.
     """
     proc = subprocess.Popen(
-        [python, "-I", _SCRIPT, "-"],
+        [python, "-I", "-S", _SCRIPT, "-"],
         stdin=subprocess.PIPE,
         stdout=stdout,
         stderr=stderr,
