@@ -67,8 +67,8 @@ def test_spec_round_trips_through_json() -> None:
 def test_describe_round_trips_through_shlex() -> None:
     spec = full_spec()
     words = shlex.split(spec.describe())
-    assert words[:4] == [sys.executable, "-I", sandbox.__file__, "--json"]
-    assert SandboxSpec.from_json(words[4]) == spec
+    assert words[:5] == [sys.executable, "-I", "-S", sandbox.__file__, "--json"]
+    assert SandboxSpec.from_json(words[5]) == spec
 
 
 @pytest.mark.parametrize(
