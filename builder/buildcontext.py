@@ -20,7 +20,7 @@ from pathlib import Path
 from builder.errors import ContextError
 from builder.fscopy import travelling_xattrs
 from builder.patterns import BadPatternError, PatternMatcher, clean, go_match, has_wildcards
-from builder.rootpath import RootEscapeError, resolve_in_root
+from builder.rootpath import RootEscapeError, is_real_dir, resolve_in_root
 
 __all__ = [
     "BuildContext",
@@ -142,7 +142,7 @@ def _wildcard_matches(base: Path, rest: str, pattern: str) -> list[str]:
                 raise ContextError(f"the source pattern {pattern!r} is not a valid wildcard.") from None
             if matched:
                 found.append(child)
-            elif child.count("/") < depth and _is_dir(base / child):
+            elif child.count("/") < depth and is_real_dir(base / child):
                 stack.append(child)
     return sorted(found, key=lambda rel: rel.split("/"))
 
@@ -233,7 +233,7 @@ class BuildContext:
         """Whether BuildKit would have been sent the path: not ignored, or a dir with kept content."""
         if not self.ignore.ignored(source.relpath):
             return True
-        if not _is_dir(source.path) or not self.ignore.matcher.may_include_below(source.relpath):
+        if not is_real_dir(source.path) or not self.ignore.matcher.may_include_below(source.relpath):
             return False
         return next(iter(self.walk(source)), None) is not None
 
@@ -250,13 +250,6 @@ def _entries(directory: Path) -> list[os.DirEntry[str]]:
         return sorted(os.scandir(directory), key=lambda e: e.name)
     except OSError as exc:
         raise ContextError(f"cannot read {directory}: {exc.strerror}.") from exc
-
-
-def _is_dir(path: Path) -> bool:
-    try:
-        return stat.S_ISDIR(path.lstat().st_mode)
-    except OSError:
-        return False
 
 
 def entry_digest(relpath: str, path: Path, *, owners: bool = False) -> str:

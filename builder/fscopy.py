@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import ContextError
-from builder.rootpath import resolve_in_root
+from builder.rootpath import is_real_dir, resolve_in_root
 from builder.users import Identity
 
 __all__ = [
@@ -149,7 +149,7 @@ def make_dirs(root: Path, path: str, owner: Identity | None) -> None:
     for part in [p for p in path.split("/") if p]:
         current = f"{current.rstrip('/')}/{part}"
         host = resolve_in_root(root, current)
-        if not _is_dir(host):
+        if not is_real_dir(host):
             _make_physical(root, host, owner, path)
 
 
@@ -202,12 +202,12 @@ class _Copier:
         self.links: dict[tuple[int, int], Path] = {}
 
     def copy_source(self, source: CopySource, dest: str) -> None:
-        is_dir = _is_dir(source.path)
+        is_dir = is_real_dir(source.path)
         target = resolve_in_root(self.root, dest)
-        if not is_dir and not dest.endswith("/") and not _is_dir(target):
+        if not is_dir and not dest.endswith("/") and not is_real_dir(target):
             # A file replaces a symlink in its way rather than writing where the link points.
             target = resolve_in_root(self.root, dest, follow_last=False)
-        if source.parents or (_is_dir(target) and not is_dir):
+        if source.parents or (is_real_dir(target) and not is_dir):
             target = self._parents(target, dest, source.parents)
             if not is_dir:
                 target = target / source.name
@@ -216,7 +216,7 @@ class _Copier:
             return
         if not os.path.lexists(target):
             make_dirs(self.root, self.container_path(target), self.owner)
-        elif not _is_dir(target):
+        elif not is_real_dir(target):
             raise ContextError(
                 f"cannot copy the directory {source.name or '.'} to {dest}: it exists and is not a directory."
             )
@@ -225,7 +225,7 @@ class _Copier:
 
     def _parents(self, target: Path, dest: str, parents: tuple[tuple[str, Path], ...]) -> Path:
         """The directory the source goes into: ``target``, made if missing, and the parents below."""
-        if not _is_dir(target):
+        if not is_real_dir(target):
             if os.path.lexists(target):
                 raise ContextError(f"cannot copy into {dest}: it exists and is not a directory.")
             make_dirs(self.root, self.container_path(target), self.owner)
@@ -343,8 +343,3 @@ def _lstat(path: Path) -> os.stat_result | None:
         return path.lstat()
     except FileNotFoundError:
         return None
-
-
-def _is_dir(path: Path) -> bool:
-    info = _lstat(path)
-    return info is not None and stat.S_ISDIR(info.st_mode)

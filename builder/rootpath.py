@@ -15,7 +15,7 @@ from pathlib import Path
 
 from builder.errors import ContextError
 
-__all__ = ["RootEscapeError", "normalize", "resolve_in_root"]
+__all__ = ["RootEscapeError", "is_real_dir", "normalize", "resolve_in_root"]
 
 _MAX_LINKS = 255
 
@@ -77,3 +77,11 @@ def resolve_in_root(root: Path, path: str, *, follow_last: bool = True, confine:
 def normalize(path: str) -> str:
     """An absolute, lexically cleaned container path."""
     return "/" + posixpath.normpath("/" + path).lstrip("/")
+
+
+def is_real_dir(path: Path) -> bool:
+    """Whether ``path`` is a directory itself, not a symlink to one (False when missing)."""
+    try:
+        return stat.S_ISDIR(path.lstat().st_mode)
+    except OSError:
+        return False

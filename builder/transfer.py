@@ -27,7 +27,7 @@ from builder.fscopy import CopySource, Walker, copy_sources, make_dirs, parse_ch
 from builder.layer import apply_layer, open_layer
 from builder.patterns import BadPatternError, PatternMatcher, clean, has_wildcards
 from builder.plan import CopyStep
-from builder.rootpath import resolve_in_root
+from builder.rootpath import is_real_dir, resolve_in_root
 from builder.users import Identity, resolve_chown
 
 __all__ = ["run_copy", "source_digests"]
@@ -137,7 +137,7 @@ def _local_items(
 def _children(
     match: Source, context: BuildContext, origin: Path | None, exclude: PatternMatcher | None
 ) -> Walker:
-    if not _is_dir(match.path):
+    if not is_real_dir(match.path):
         return _no_children
     if origin is None:
         return partial(context.walk, match, exclude)
@@ -149,7 +149,7 @@ def _parents(root: Path, match: Source, pivot: str, *, confine: bool) -> tuple[t
     base = clean("/" + pivot).lstrip("/")
     rel = match.given[len(base) :].lstrip("/") if base and match.given.startswith(base + "/") else match.given
     parts = rel.split("/") if rel else []
-    if not _is_dir(match.path):
+    if not is_real_dir(match.path):
         parts = parts[:-1]
     found = []
     for index in range(len(parts)):
@@ -177,7 +177,7 @@ def _git_item(step: CopyStep, source: str, git: GitSource, scratch: Path) -> _It
         raise ContextError(
             f"the directory {git.subdir!r} of {git.remote} leads out of the repository."
         ) from None
-    if not top or not _is_dir(top[0].path):
+    if not top or not is_real_dir(top[0].path):
         raise ContextError(f"the Git repository {git.remote} has no directory {git.subdir!r}.")
     tree = partial(filtered_walk, top[0].path, [])
     return _Item(CopySource(top[0].path, "", tree), source, f"{fetched.digest}:{git.subdir}")
@@ -200,7 +200,7 @@ def _destination(step: CopyStep, root: Path, count: int) -> str:
     """The destination; several sources need a directory, as the Dockerfile reference says."""
     if count == 1 or step.dest.endswith("/") or step.parents:
         return step.dest
-    if _is_dir(resolve_in_root(root, step.dest)):
+    if is_real_dir(resolve_in_root(root, step.dest)):
         return step.dest + "/"
     keyword = "ADD" if step.add else "COPY"
     raise ContextError(
@@ -236,13 +236,6 @@ def _unpack(source: CopySource, root: Path, dest: str, owner: Identity | None) -
         ) from exc
     except OSError as exc:
         raise ContextError(f"ADD could not read {source.name}: {exc.strerror}.") from exc
-
-
-def _is_dir(path: Path) -> bool:
-    try:
-        return stat.S_ISDIR(path.lstat().st_mode)
-    except OSError:
-        return False
 
 
 def _no_children() -> Iterator[tuple[str, Path]]:
