@@ -11,10 +11,9 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from builder.buildcontext import BuildContext
-from builder.cacheio import CacheSpec, export_cache, import_cache
 from builder.digest import sha256_digest
 from builder.distribution import fetch_image
 from builder.dockerfile import parse_dockerfile
@@ -31,10 +30,14 @@ from builder.oci import (
     new_image_config,
     parse_reference,
 )
-from builder.plan import Plan, base_images, make_plan, platform_args
+from builder.plan import Plan, make_plan
 from builder.registry import RegistryOptions
 from builder.snapshot import Snapshotter
+from builder.stages import base_images, platform_args
 from builder.store import Store
+
+if TYPE_CHECKING:
+    from builder.cacheio import CacheSpec
 
 __all__ = [
     "BuildRequest",
@@ -214,6 +217,8 @@ def publish(request: BuildRequest, store: Store, manifest_digest: str, log: Log)
 
 def _import_cache(store: Store, spec: CacheSpec, registry: RegistryOptions, log: Log) -> None:
     """Take what a cache source has; a missing or broken one is a warning, as in BuildKit."""
+    from builder.cacheio import import_cache  # only --cache-from needs it (start-up of the cached path)
+
     try:
         count = import_cache(store, spec, registry)
     except BuilderError as exc:
@@ -231,6 +236,8 @@ def _export_cache(
     log: Log,
 ) -> None:
     """mode=min: the steps of the final image's stages; mode=max: every stage built."""
+    from builder.cacheio import export_cache  # only --cache-to needs it (start-up of the cached path)
+
     stages = plan.order if spec.mode == "max" else _base_chain(plan, plan.target)
     keys = [key for index in stages for key in stage_keys.get(index, [])]
     try:

@@ -11,24 +11,24 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from builder.build import BuildRequest, build, plan_build, resolve_image
-from builder.cacheio import parse_cache_spec
-from builder.check import check_store
 from builder.config import CONFIG_ENV, DEFAULT_CONFIG, add_setting_flags, parse_config, resolve
-from builder.distribution import pull_image
 from builder.errors import BuilderError, SandboxError
 from builder.export import OUTPUT_KINDS, Output, parse_output, write_output
-from builder.gc import disk_usage, parse_duration, parse_size, prune
 from builder.images import Platform, image_history, parse_platform, reference, tag_key, tagged_images
-from builder.layout import import_docker_archive, import_layout
 from builder.oci import Reference
-from builder.plan import parse_build_args
 from builder.registry import RegistryOptions
 from builder.sandbox import private_mount_namespace
+from builder.stages import parse_build_args
 from builder.store import Store
-from builder.verify import verify_build
+
+if TYPE_CHECKING:
+    from builder.cacheio import CacheSpec
+
+# The modules only some commands need (cacheio, check, distribution, gc, layout, verify) are
+# imported by their handlers: a cached build should not pay for them (start-up time).
 
 __all__ = ["main"]
 
@@ -135,9 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     _image_commands(commands)
 
     prune = commands.add_parser("prune", help="remove build cache and unreferenced data")
-    prune.add_argument(
-        "--keep-storage", type=parse_size, metavar="SIZE", help="keep up to SIZE of layers (500MB, 2GB)"
-    )
+    prune.add_argument("--keep-storage", metavar="SIZE", help="keep up to SIZE of layers (500MB, 2GB)")
     prune.add_argument(
         "--filter",
         dest="filters",
@@ -307,8 +305,8 @@ def _build(args: argparse.Namespace, store: Store) -> int:
         source_date_epoch=args.source_date_epoch,
         no_cache=args.no_cache,
         no_cache_filter=tuple(args.no_cache_filter),
-        cache_from=tuple(parse_cache_spec(text, export=False) for text in args.cache_from),
-        cache_to=tuple(parse_cache_spec(text, export=True) for text in args.cache_to),
+        cache_from=_cache_specs(args.cache_from, export=False),
+        cache_to=_cache_specs(args.cache_to, export=True),
         registry=RegistryOptions(insecure=tuple(args.insecure_registry)),
         pull=args.pull,
     )
@@ -322,7 +320,12 @@ def _build(args: argparse.Namespace, store: Store) -> int:
         if not args.quiet:
             print(line, file=sys.stderr, flush=True)
 
-    result = (verify_build if args.verify_reproducible else build)(request, store, log)
+    run = build
+    if args.verify_reproducible:
+        from builder.verify import verify_build  # see the note on the imports
+
+        run = verify_build
+    result = run(request, store, log)
     for name in result.unused_args:
         print(f"warning: build arg {name} is not consumed by any ARG", file=sys.stderr)
     if not args.quiet:
@@ -331,7 +334,16 @@ def _build(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
+def _cache_specs(texts: Sequence[str], *, export: bool) -> tuple[CacheSpec, ...]:
+    if not texts:
+        return ()
+    from builder.cacheio import parse_cache_spec  # see the note on the imports
+
+    return tuple(parse_cache_spec(text, export=export) for text in texts)
+
+
 def _load(args: argparse.Namespace, store: Store) -> int:
+    from builder.layout import import_docker_archive, import_layout  # see the note on the imports
 
     transport, _, location = args.source.partition(":")
     if transport not in ("oci", "oci-archive", "docker-archive") or not location:
@@ -423,6 +435,8 @@ def _save(args: argparse.Namespace, store: Store) -> int:
 
 def _pull(args: argparse.Namespace, store: Store) -> int:
     registry = RegistryOptions(insecure=tuple(args.insecure_registry))
+    from builder.distribution import pull_image  # see the note on the imports
+
     digest, _, _ = pull_image(store, reference(args.image), registry, _log, platform=args.platform)
     print(digest)
     return 0
@@ -466,13 +480,15 @@ def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
 
 
 def _prune(args: argparse.Namespace, store: Store) -> int:
+    from builder.gc import parse_duration, parse_size, prune  # see the note on the imports
+
     until = None
     for text in args.filters:
         key, _, value = text.partition("=")
         if key != "until":
             raise BuilderError(f"--filter {text!r} is not understood; the filter is until=DURATION.")
         until = parse_duration(value)
-    keep = parse_size(args.keep_storage) if args.keep_storage else None
+    keep = parse_size(args.keep_storage) if args.keep_storage is not None else None
     result = prune(store, keep_storage=keep, until=until)
     print(
         f"removed {result.records} cache records, {result.blobs} blobs and {result.snapshots} snapshots; "
@@ -482,6 +498,8 @@ def _prune(args: argparse.Namespace, store: Store) -> int:
 
 
 def _check(args: argparse.Namespace, store: Store) -> int:
+    from builder.check import check_store  # see the note on the imports
+
     result = check_store(store, repair=args.repair)
     for problem in result.problems:
         status = "repaired" if problem in result.repaired else "problem"
@@ -495,6 +513,8 @@ def _check(args: argparse.Namespace, store: Store) -> int:
 
 
 def _du(args: argparse.Namespace, store: Store) -> int:
+    from builder.gc import disk_usage  # see the note on the imports
+
     usage = disk_usage(store)
     print(f"images\t{usage.images}")
     print(f"cache records\t{usage.records}")

@@ -12,8 +12,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from builder.errors import BuilderError
 
 __all__ = [
@@ -113,6 +111,8 @@ def add_setting_flags(parser: argparse.ArgumentParser, command: str) -> None:
 
 def parse_config(text: str, source: str) -> dict[str, Any]:
     """The settings a YAML config file sets, checked against the table."""
+    import yaml  # here, not at the top: most runs have no config file (start-up of the cached path)
+
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:

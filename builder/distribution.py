@@ -12,7 +12,6 @@ repository of the same registry when the store knows one that holds it, then the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from builder.errors import RegistryError, StoreError
@@ -185,5 +184,8 @@ def _push_blob(store: Store, client: RegistryClient, blob: Json) -> str:
 
 def _parallel(action: Callable[[Json], T], items: Iterable[Json]) -> list[T]:
     """``action`` of each item, ``PARALLEL`` at a time, results in order; the first error is raised."""
+    # Imported here: only a pull or push needs threads (start-up of the cached path).
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(PARALLEL) as pool:
         return list(pool.map(action, items))

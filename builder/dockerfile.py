@@ -12,7 +12,6 @@ scanner below reads each instruction from its start as BuildKit's parser does, p
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import io
 import json
 import re
@@ -110,6 +109,8 @@ class Dockerfile:
 
 def suggest(word: str, choices: list[str] | frozenset[str], *, prefix: str = "") -> str:
     """The end of an error sentence about ``word``: ``"; did you mean X?"`` or just ``"."``."""
+    import difflib  # only an error needs it (start-up of the cached path)
+
     close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
     return f"; did you mean {prefix}{close[0]}?" if close else "."
 

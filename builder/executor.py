@@ -29,7 +29,6 @@ from builder.fscopy import make_dirs
 from builder.layer import COMPRESSION_ANNOTATION, Compression, write_layer
 from builder.oci import canonical_json, format_time
 from builder.plan import ConfigStep, CopyStep, RunStep, Stage, Step, WorkdirStep
-from builder.runmounts import run_mounts
 from builder.sandbox import SandboxSpec, run_sandboxed
 from builder.snapshot import Mounted, Snapshotter
 from builder.store import Store
@@ -299,6 +298,8 @@ class StageExecutor:
         return StepFailed(f"{self.settings.dockerfile}:{step.line}: {message}")
 
     def _run(self, step: RunStep, mounted: Mounted, sources: Mapping[int | str, ImageState]) -> None:
+        from builder.runmounts import run_mounts  # only a RUN that misses needs it (start-up time)
+
         def open_origin(stage: int | None, image: str | None) -> AbstractContextManager[Path]:
             origin = sources[stage if stage is not None else str(image)]
             return _merged(self.snapshots.mount(origin.diff_ids, self.workdir, writable=False))

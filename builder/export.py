@@ -13,13 +13,11 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from builder.distribution import push_image
 from builder.errors import BuilderError, LayerError
 from builder.images import reference
 from builder.layer import COMPRESSION_ANNOTATION, COMPRESSIONS, Compression, compress_stream, open_layer
-from builder.layout import export_layout, image_blobs, write_layout_tar
 from builder.oci import (
     CONFIG_MEDIA_TYPE,
     LAYER_COMPRESSIONS,
@@ -28,9 +26,10 @@ from builder.oci import (
     canonical_json,
     image_manifest,
 )
-from builder.registry import RegistryOptions
-from builder.rootfs import export_rootfs, write_rootfs_tar
-from builder.store import Store
+
+if TYPE_CHECKING:
+    from builder.registry import RegistryOptions
+    from builder.store import Store
 
 __all__ = ["OUTPUT_KINDS", "Output", "convert_image", "parse_output", "write_output"]
 
@@ -127,6 +126,11 @@ def _write(
     registry: RegistryOptions,
     log: Log,
 ) -> str:
+    # Imported here: a build without --output never needs them (start-up of the cached path).
+    from builder.distribution import push_image
+    from builder.layout import export_layout, write_layout_tar
+    from builder.rootfs import export_rootfs, write_rootfs_tar
+
     if output.kind == "local":
         export_rootfs(store, digest, _dest(output))
         return digest
@@ -171,6 +175,8 @@ def convert_image(
 ) -> str:
     """The image with every layer in ``compression`` (and OCI media types when ``oci_types``):
     the same manifest when nothing changes, else a new one written to the store."""
+    from builder.layout import image_blobs  # only outputs need it (start-up of the cached path)
+
     manifest, config, _ = image_blobs(store, manifest_digest)
     diff_ids = config["rootfs"]["diff_ids"]
     layers = [

@@ -10,16 +10,13 @@ its commit.
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import os
 import posixpath
 import re
 import shutil
 import subprocess
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +99,11 @@ def fetch_url(url: str, scratch: Path, checksum: str | None) -> Fetched:
 
 
 def _download(url: str, target: Path) -> str:
+    # Imported here: only ADD of a URL downloads (start-up of the cached path).
+    import email.utils
+    import urllib.error
+    import urllib.request
+
     request = urllib.request.Request(url, headers={"User-Agent": "builder"})
     hasher = hashlib.sha256()
     try:

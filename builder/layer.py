@@ -26,9 +26,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
 
-import zstandard
-from isal import igzip, igzip_threaded
-
 from builder.digest import HashingWriter
 from builder.errors import LayerError
 from builder.signals import deferred_signals
@@ -72,9 +69,8 @@ _OVERLAY_UNSUPPORTED = (
     "user.overlay.metacopy",
 )
 _CAPABILITY = "security.capability"
-# isal ships no type information for these two.
-_gzip_writer = cast("Callable[..., _Closable]", igzip_threaded.open)
-_gzip_reader = cast("Callable[..., BinaryIO]", igzip.IGzipFile)
+# The codecs (isal, zstandard) are imported where a blob is written or read, not here: a cached
+# build only needs the table below (start-up of the cached path).
 # Names and xattr values are bytes; surrogateescape carries any byte through tarfile and back.
 _UTF8 = ("utf-8", "surrogateescape")
 
@@ -95,6 +91,8 @@ class Compression:
         if self.name == "gzip":
             return f"gzip;encoder=isa-l;level={_level(self, level, GZIP_DEFAULT_LEVEL, 3)};block={_BLOCK}"
         if self.name == "zstd":
+            import zstandard  # see the note on the codecs
+
             top = zstandard.MAX_COMPRESSION_LEVEL
             return f"zstd;encoder=zstd-mt;level={_level(self, level, ZSTD_DEFAULT_LEVEL, top)};block={_BLOCK}"
         return self.name
@@ -479,10 +477,13 @@ def _level(compression: Compression, level: int | None, default: int, top: int) 
 
 def _open_compressor(dest: HashingWriter, compression: Compression, level: int | None) -> _Closable:
     if compression.name == "gzip":
+        from isal import igzip_threaded  # see the note on the codecs
+
+        gzip_open = cast("Callable[..., _Closable]", igzip_threaded.open)  # isal has no types
         # igzip_threaded writes a gzip header with mtime 0 and no file name, and deflates each
         # block with the previous 32 KiB as dictionary: the bytes are the same for any thread
         # count, as long as the block size is pinned.
-        return _gzip_writer(
+        return gzip_open(
             dest,
             "wb",
             compresslevel=_level(compression, level, GZIP_DEFAULT_LEVEL, 3),
@@ -492,6 +493,8 @@ def _open_compressor(dest: HashingWriter, compression: Compression, level: int |
     if compression.name == "zstd":
         # threads >= 1 selects zstd's multi-threaded encoder, whose output does not depend on
         # the number of workers; threads=0 would be the single-threaded encoder, other bytes.
+        import zstandard  # see the note on the codecs
+
         lvl = _level(compression, level, ZSTD_DEFAULT_LEVEL, zstandard.MAX_COMPRESSION_LEVEL)
         cctx = zstandard.ZstdCompressor(level=lvl, threads=_threads())
         return cast(_Closable, cctx.stream_writer(cast(BinaryIO, dest), closefd=False))
@@ -599,8 +602,13 @@ def open_layer(fileobj: BinaryIO) -> BinaryIO:
     if kind is None:
         return cast(BinaryIO, raw)
     if kind == "gzip":
-        decoder = _gzip_reader(fileobj=raw, mode="rb")
+        from isal import igzip  # see the note on the codecs
+
+        gzip_file = cast("Callable[..., BinaryIO]", igzip.IGzipFile)  # isal has no types
+        decoder = gzip_file(fileobj=raw, mode="rb")
     elif kind == "zstd":
+        import zstandard  # see the note on the codecs
+
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
         decoder = cast(BinaryIO, reader)
     elif kind == "bzip2":

@@ -1,25 +1,24 @@
-"""Instructions → a build plan: stages, steps, the stage graph, ARG and ENV scoping.
+"""Instructions → a build plan: each needed stage's instructions dispatched into steps.
 
-BuildKit's ``dockerfile2llb`` is the model. ARGs before the first FROM, over the automatic
-platform ARGs, form the global scope that FROM lines expand in; inside a stage an ARG must be
-declared to be seen. A stage's variables are its image's ENV plus the ARGs it declared, a later
-ENV or ARG of the same name replacing an earlier one: words expand in them and RUN sees them.
-Only the stages the target needs are planned. Pure: the base images' configs, the build args and
-the platform come in as arguments.
+BuildKit's ``dockerfile2llb`` is the model. The global ARG scope, the FROM lines and the stage
+graph are stages.py's; here, inside a stage, an ARG must be declared to be seen. A stage's
+variables are its image's ENV plus the ARGs it declared, a later ENV or ARG of the same name
+replacing an earlier one: words expand in them and RUN sees them. Only the stages the target
+needs are planned. Pure: the base images' configs, the build args and the platform come in as
+arguments.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import posixpath
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from builder.dockerfile import GO_SPACE, Dockerfile, parse_dockerfile, suggest
+from builder.dockerfile import GO_SPACE, Dockerfile, parse_dockerfile
 from builder.errors import BuilderError, DockerfileError, ExpansionError
 from builder.expansion import expand_word, expand_words
 from builder.instructions import (
@@ -27,40 +26,45 @@ from builder.instructions import (
     Command,
     CopyCommand,
     ExecCommand,
-    FromCommand,
     HealthcheckCommand,
     InvalidValue,
     ListCommand,
-    Mount,
     OnbuildCommand,
     PairsCommand,
     RunCommand,
     ValueCommand,
     check_checksum,
     check_chmod,
-    check_platform,
     check_signal,
     parse_command,
-    parse_mount,
     parse_ports,
-    parse_stages,
 )
-from builder.oci import parse_reference
+from builder.mounts import Mount, parse_mount
+from builder.stages import (
+    ParsedStages,
+    StageHeader,
+    build_order,
+    check_at,
+    closure,
+    copy_ref,
+    expand_at,
+    find_target,
+    is_plain,
+    resolve_stages,
+    stage_ref,
+    static_deps,
+)
 
 __all__ = [
     "DEFAULT_PATH",
     "ConfigStep",
     "CopyStep",
-    "Mount",
     "Plan",
     "RunStep",
     "Stage",
     "Step",
     "WorkdirStep",
-    "base_images",
     "make_plan",
-    "parse_build_args",
-    "platform_args",
 ]
 
 Json = dict[str, Any]
@@ -188,257 +192,7 @@ def _data(value: Any, skip: str = "") -> Any:
     return value
 
 
-def platform_args(os_name: str, arch: str) -> dict[str, str]:
-    """The automatic platform ARGs; build and target platform are the host's."""
-    values: dict[str, str] = {}
-    for prefix in ("BUILD", "TARGET"):
-        values |= {
-            f"{prefix}PLATFORM": f"{os_name}/{arch}",
-            f"{prefix}OS": os_name,
-            f"{prefix}ARCH": arch,
-            f"{prefix}VARIANT": "",
-        }
-    return values
-
-
-def parse_build_args(items: Iterable[str], environ: Mapping[str, str]) -> dict[str, str]:
-    """``--build-arg`` values: NAME=VALUE, or NAME alone for the value in ``environ`` (an arg
-    the environment lacks is left out, as ``docker buildx build`` does)."""
-    args: dict[str, str] = {}
-    for item in items:
-        name, eq, value = item.partition("=")
-        if not name or any(ch in GO_SPACE for ch in name):
-            raise BuilderError(
-                f"invalid --build-arg {item!r}: write NAME=VALUE, or NAME to pass on the environment's value."
-            )
-        if eq:
-            args[name] = value
-        elif name in environ:
-            args[name] = environ[name]
-    return args
-
-
-@dataclass(frozen=True)
-class _Header:
-    """A FROM line resolved in the global scope."""
-
-    cmd: FromCommand
-    image: str
-    platform: str | None
-    base_stage: int | None
-
-
-@dataclass(frozen=True)
-class _Parsed:
-    dockerfile: Dockerfile
-    headers: tuple[_Header, ...]
-    bodies: tuple[tuple[Command, ...], ...]
-    scope: Mapping[str, str]  # the global scope
-    declared: frozenset[str]  # the global ARGs
-
-    def error(self, line: int, message: str) -> DockerfileError:
-        return DockerfileError(message, filename=self.dockerfile.filename, line=line)
-
-
-_SPECIAL = {escape: re.compile(f"[$'\"{re.escape(escape)}]") for escape in ("\\", "`")}
 _GO_SPACE_CHAR = re.compile(f"[{re.escape(GO_SPACE)}]")
-
-
-def _plain(word: str, escape: str) -> bool:
-    """A word with nothing to expand: no variable, quote or escape."""
-    return _SPECIAL[escape].search(word) is None
-
-
-def _expand(df: Dockerfile, line: int, word: str, scope: Mapping[str, str]) -> tuple[str, frozenset[str]]:
-    if _plain(word, df.escape):
-        return word, frozenset()
-    try:
-        result = expand_word(word, scope, escape=df.escape)
-    except ExpansionError as exc:
-        raise DockerfileError(str(exc), filename=df.filename, line=line) from exc
-    return result.text, result.used
-
-
-def _parse(df: Dockerfile, build_args: Mapping[str, str], auto_args: Mapping[str, str]) -> _Parsed:
-    """Check every instruction, then resolve the global scope and the FROM lines."""
-    meta, stages = parse_stages(df)
-    scope = {name: build_args.get(name, value) for name, value in auto_args.items()}
-    declared: set[str] = set()
-    for arg in meta:
-        for name, default in arg.pairs:
-            declared.add(name)
-            if name in build_args:
-                scope[name] = build_args[name]
-            elif default is not None:
-                scope[name] = _expand(df, arg.ins.line, default, scope)[0]
-    headers = _headers(df, [cmd for cmd, _ in stages], scope)
-    return _Parsed(df, headers, tuple(body for _, body in stages), scope, frozenset(declared))
-
-
-def _headers(df: Dockerfile, froms: list[FromCommand], scope: Mapping[str, str]) -> tuple[_Header, ...]:
-    headers: list[_Header] = []
-    names: dict[str, int] = {}
-    for index, cmd in enumerate(froms):
-        line = cmd.ins.line
-        image, used = _expand(df, line, cmd.image, scope)
-        if not image:
-            unset = sorted(name for name in used if not scope.get(name)) or ["?"]
-            raise DockerfileError(
-                f"FROM {cmd.image} expands to an empty image name: give ARG {unset[0]} a default "
-                f"before the first FROM, or pass --build-arg {unset[0]}=<image>.",
-                filename=df.filename,
-                line=line,
-            )
-        platform = _from_platform(df, cmd, scope)
-        base_stage = names.get(image)
-        if base_stage is None and image != "scratch":
-            try:
-                _check_reference(image)
-            except InvalidValue as exc:
-                unset = sorted(name for name in used if not scope.get(name))
-                hint = f" ({', '.join(unset)} has no value before the first FROM)" if unset else ""
-                where = f"FROM {cmd.image} expands to {image!r}{hint}: " if image != cmd.image else ""
-                raise DockerfileError(f"{where}{exc}", filename=df.filename, line=line) from exc
-        if cmd.name in names:
-            first = headers[names[cmd.name]].cmd.ins.line
-            raise DockerfileError(
-                f"the stage name {cmd.name!r} is taken by the stage on line {first}; names must be unique.",
-                filename=df.filename,
-                line=line,
-            )
-        if cmd.name:
-            names[cmd.name] = index
-        headers.append(_Header(cmd, image, platform, base_stage))
-    return tuple(headers)
-
-
-def _from_platform(df: Dockerfile, cmd: FromCommand, scope: Mapping[str, str]) -> str | None:
-    if cmd.platform is None:
-        return None
-    platform = _expand(df, cmd.ins.line, cmd.platform, scope)[0]
-    if not platform:
-        raise DockerfileError(
-            f"FROM --platform={cmd.platform} expands to nothing.", filename=df.filename, line=cmd.ins.line
-        )
-    _checked(df, cmd.ins.line, check_platform, platform)
-    return platform
-
-
-def _check_reference(ref: str) -> None:
-    try:
-        parse_reference(ref)
-    except ValueError as exc:
-        raise InvalidValue(f"{exc}.") from exc
-
-
-def _checked(df: Dockerfile, line: int, check: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a value check; an invalid value is a DockerfileError at ``line``."""
-    try:
-        return check(*args, **kwargs)
-    except InvalidValue as exc:
-        raise DockerfileError(str(exc), filename=df.filename, line=line) from exc
-
-
-def _stage_ref(
-    parsed: _Parsed, index: int, line: int, ref: str, *, by_number: bool
-) -> tuple[int | None, str | None]:
-    """What ``--from=ref`` (or ``from=ref``) in stage ``index`` names: an earlier stage or an image."""
-    headers = parsed.headers
-    stage: int | None
-    if by_number and re.fullmatch(r"[-+]?\d+", ref):
-        stage = int(ref)
-        if not 0 <= stage < len(headers):
-            raise parsed.error(line, f"--from={ref}: there is no stage {stage}; stages are numbered from 0.")
-    else:
-        stage = next((i for i, h in enumerate(headers) if h.cmd.name == ref.lower()), None)
-    if stage is None:
-        _checked(parsed.dockerfile, line, _check_reference, ref)
-        return None, ref
-    if stage >= index:
-        where = "this very stage" if stage == index else f"the stage on line {headers[stage].cmd.ins.line}"
-        raise parsed.error(line, f"--from={ref} names {where}; a stage can only read from stages before it.")
-    return stage, None
-
-
-def _copy_ref(parsed: _Parsed, index: int, cmd: CopyCommand) -> tuple[int | None, str | None]:
-    ref = cmd.flags.get("from")
-    if ref is None:
-        return None, None
-    if expand_word(ref, {}, escape=parsed.dockerfile.escape).text != ref:
-        raise parsed.error(
-            cmd.ins.line,
-            f"--from={ref}: variables are not expanded in --from; "
-            "define a stage with FROM and a global ARG, and copy from it.",
-        )
-    return _stage_ref(parsed, index, cmd.ins.line, ref, by_number=True)
-
-
-def _static_deps(parsed: _Parsed) -> list[set[int]]:
-    """Each stage's dependencies as written: its base, COPY --from, RUN --mount from=."""
-    deps: list[set[int]] = []
-    for index, (header, body) in enumerate(zip(parsed.headers, parsed.bodies, strict=True)):
-        refs: list[tuple[int | None, str | None]] = [(header.base_stage, None)]
-        for cmd in body:
-            if isinstance(cmd, CopyCommand) and cmd.keyword == "COPY":
-                refs.append(_copy_ref(parsed, index, cmd))
-            elif isinstance(cmd, RunCommand):
-                froms = [ref for ref in map(_mount_from, cmd.mounts) if ref]
-                refs += [_stage_ref(parsed, index, cmd.ins.line, ref, by_number=False) for ref in froms]
-        deps.append({stage for stage, _ in refs if stage is not None})
-    return deps
-
-
-def _mount_from(spec: str) -> str | None:
-    """The from= of a --mount, as written (it cannot hold variables)."""
-    for field_ in next(csv.reader([spec]), []):
-        key, eq, value = field_.partition("=")
-        if eq and key.lower() == "from" and "$" not in value:
-            return value
-    return None
-
-
-def _closure(roots: Iterable[int], deps: list[set[int]]) -> set[int]:
-    seen: set[int] = set()
-    todo = list(roots)
-    while todo:
-        index = todo.pop()
-        if index not in seen:
-            seen.add(index)
-            todo.extend(deps[index])
-    return seen
-
-
-def _target(parsed: _Parsed, target: str | None) -> int:
-    if target is None:
-        return len(parsed.headers) - 1
-    names = [h.cmd.name for h in parsed.headers if h.cmd.name]
-    for index, header in enumerate(parsed.headers):
-        if header.cmd.name == target.lower():
-            return index
-    hint = suggest(target.lower(), names)
-    if hint == ".":
-        hint = (
-            f"; the named stages are {', '.join(names)}."
-            if names
-            else "; no stage has a name (FROM image AS name)."
-        )
-    raise DockerfileError(f"--target {target!r} names no stage{hint}", filename=parsed.dockerfile.filename)
-
-
-def base_images(
-    dockerfile: Dockerfile,
-    build_args: Mapping[str, str],
-    auto_args: Mapping[str, str],
-    target: str | None = None,
-) -> tuple[str, ...]:
-    """The image references used as FROM bases (not scratch, not stages), in order: of every
-    stage, or only of those ``target`` needs when it is given."""
-    parsed = _parse(dockerfile, build_args, auto_args)
-    indexes: Iterable[int] = range(len(parsed.headers))
-    if target is not None:
-        indexes = sorted(_closure([_target(parsed, target)], _static_deps(parsed)))
-    headers = [parsed.headers[index] for index in indexes]
-    return tuple(dict.fromkeys(h.image for h in headers if h.image != "scratch" and h.base_stage is None))
 
 
 def make_plan(
@@ -451,18 +205,18 @@ def make_plan(
 ) -> Plan:
     """Plan the stages ``target`` needs; ``base_configs`` maps each of their FROM images (see
     :func:`base_images`) to its image config."""
-    parsed = _parse(dockerfile, build_args, auto_args)
-    target_index = _target(parsed, target)
-    static = _static_deps(parsed)
+    parsed = resolve_stages(dockerfile, build_args, auto_args)
+    target_index = find_target(parsed, target)
+    static = static_deps(parsed)
     planner = _Planner(parsed, base_configs, build_args)
-    todo = _closure([target_index], static)
+    todo = closure([target_index], static)
     while todo:  # ONBUILD triggers of base images can make more stages needed
         for index in sorted(todo):
             planner.plan(index)
         wanted = {dep for stage in planner.stages.values() for dep in stage.needs}
-        todo = _closure(wanted, static) - planner.stages.keys()
+        todo = closure(wanted, static) - planner.stages.keys()
     stages = tuple(planner.stages.get(i) or _unbuilt(i, h) for i, h in enumerate(parsed.headers))
-    order = _order(stages, target_index)
+    order = build_order([stage.needs for stage in stages], target_index)
     exempt = PROXY_ARGS | auto_args.keys() | {"SOURCE_DATE_EPOCH"}
     unused = sorted(set(build_args) - planner.declared - parsed.declared - exempt)
     images = [s.base_image for s in stages if s.index in order and s.base_image]
@@ -474,25 +228,12 @@ def make_plan(
     return Plan(stages, target_index, order, tuple(unused), tuple(dict.fromkeys(images)), warnings)
 
 
-def _unbuilt(index: int, header: _Header) -> Stage:
+def _unbuilt(index: int, header: StageHeader) -> Stage:
     base = None if header.image == "scratch" or header.base_stage is not None else header.image
     cmd = header.cmd
     return Stage(
         index, cmd.name, base, header.base_stage, (), {}, None, cmd.ins.line, header.platform, built=False
     )
-
-
-def _order(stages: tuple[Stage, ...], target: int) -> tuple[int, ...]:
-    seen: list[int] = []
-
-    def visit(index: int) -> None:
-        if index not in seen:
-            for dep in stages[index].needs:
-                visit(dep)
-            seen.append(index)
-
-    visit(target)
-    return tuple(seen)
 
 
 def _warnings(df: Dockerfile, found: list[tuple[int, str, str]]) -> tuple[str, ...]:
@@ -513,7 +254,7 @@ class _Planner:
     """Plans stages one by one; remembers each planned stage's result and variables."""
 
     def __init__(
-        self, parsed: _Parsed, base_configs: Mapping[str, Json], build_args: Mapping[str, str]
+        self, parsed: ParsedStages, base_configs: Mapping[str, Json], build_args: Mapping[str, str]
     ) -> None:
         self.parsed = parsed
         self.base_configs = base_configs
@@ -535,7 +276,7 @@ class _Planner:
         self.stages[index] = dataclasses.replace(stage, config=state.config, author=state.author)
         self.variables[index] = state.vars
 
-    def trigger(self, text: str, header: _Header) -> Command:
+    def trigger(self, text: str, header: StageHeader) -> Command:
         """An ONBUILD trigger of the base, parsed as if it were written on the FROM line."""
         df = self.parsed.dockerfile
         line = header.cmd.ins.line
@@ -575,7 +316,7 @@ class _StageState:
     def error(self, cmd: Command, message: str) -> DockerfileError:
         return DockerfileError(message, filename=self.df.filename, line=cmd.ins.line)
 
-    def start(self, header: _Header) -> list[str]:
+    def start(self, header: StageHeader) -> list[str]:
         """Take the base's config and variables; return the base's ONBUILD triggers."""
         if header.base_stage is not None:
             base = self.planner.stages[header.base_stage]
@@ -595,10 +336,10 @@ class _StageState:
         return triggers
 
     def expand(self, cmd: Command, word: str) -> str:
-        return _expand(self.df, cmd.ins.line, word, self.vars)[0]
+        return expand_at(self.df, cmd.ins.line, word, self.vars)[0]
 
     def checked(self, cmd: Command, check: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return _checked(self.df, cmd.ins.line, check, *args, **kwargs)
+        return check_at(self.df, cmd.ins.line, check, *args, **kwargs)
 
     @property
     def shell(self) -> list[str]:
@@ -701,7 +442,7 @@ class _StageState:
         escape = self.df.escape
         try:
             for value in cmd.values:
-                plain = _plain(value, escape) and _GO_SPACE_CHAR.search(value) is None
+                plain = is_plain(value, escape) and _GO_SPACE_CHAR.search(value) is None
                 for word in [value] if plain else expand_words(value, self.vars, escape=escape)[0]:
                     ports.update((key, {}) for key in parse_ports(word))
         except (ExpansionError, InvalidValue) as exc:
@@ -762,7 +503,7 @@ class _StageState:
 
     def mount_context(self, cmd: RunCommand, ssh: int) -> dict[str, Any]:
         def resolve(ref: str) -> tuple[int | None, str | None]:
-            return _stage_ref(self.planner.parsed, self.index, cmd.ins.line, ref, by_number=False)
+            return stage_ref(self.planner.parsed, self.index, cmd.ins.line, ref, by_number=False)
 
         return {"workdir": self.workdir, "ssh_index": ssh, "resolve_from": resolve}
 
@@ -776,7 +517,7 @@ class _StageState:
         if chmod:
             self.checked(cmd, check_chmod, chmod)
         from_stage, from_image = (
-            _copy_ref(self.planner.parsed, self.index, cmd) if cmd.keyword == "COPY" else (None, None)
+            copy_ref(self.planner.parsed, self.index, cmd) if cmd.keyword == "COPY" else (None, None)
         )
         sources = tuple(self.expand(cmd, source) for source in cmd.sources)
         inline = tuple(

@@ -12,17 +12,15 @@ Standard library only (http.client): nothing here needs more than HTTP/1.1 and T
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
-import ssl
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
 
 from builder.credentials import DOCKER_HUB, Credentials, docker_config_path, load_credentials
 from builder.digest import is_digest, sha256_digest
@@ -34,6 +32,11 @@ from builder.oci import (
     MANIFEST_MEDIA_TYPE,
 )
 from builder.store import Store
+
+# http.client and ssl (with email, socket, certificates) are imported by the functions that talk
+# to a registry: a cached build only needs RegistryOptions (start-up of the cached path).
+if TYPE_CHECKING:
+    import http.client
 
 __all__ = ["Manifest", "RegistryClient", "RegistryOptions"]
 
@@ -235,6 +238,8 @@ class RegistryClient:
             _drain(response)
             raise RegistryError(f"the blob {digest} is not in {self.name}.")
         self._expect(response, (200,), f"GET blob {digest}")
+        import http.client  # see the note on the imports
+
         with store.blob_writer() as writer:
             try:
                 while (chunk := response.read(_READ)) and (size is None or writer.size <= size):
@@ -318,6 +323,9 @@ class RegistryClient:
                 time.sleep(delay)
 
     def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+        import http.client  # see the note on the imports
+        import ssl
+
         mine: dict[tuple[str, str], http.client.HTTPConnection] = self._local.__dict__.setdefault("mine", {})
         key = (scheme, netloc)
         if key not in mine:
@@ -336,6 +344,9 @@ class RegistryClient:
         self, method: str, url: str, headers: dict[str, str], body: _Body | bytes | None
     ) -> http.client.HTTPResponse:
         """One HTTP exchange; connection failures and 429/5xx become :class:`_Transient`."""
+        import http.client  # see the note on the imports
+        import ssl
+
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise RegistryError(f"the registry {self.registry} sent the unusable URL {url!r}.")
@@ -507,6 +518,8 @@ def _with_query(url: str, **params: str) -> str:
 
 def _drain(response: http.client.HTTPResponse) -> None:
     """Read what is left of a response so the connection can carry the next request."""
+    import http.client  # see the note on the imports
+
     try:
         while response.read(_READ):
             pass
@@ -516,6 +529,8 @@ def _drain(response: http.client.HTTPResponse) -> None:
 
 def _error_detail(response: http.client.HTTPResponse) -> str:
     """The registry's own words from an error body (``{"errors": [{code, message}]}``)."""
+    import http.client  # see the note on the imports
+
     try:
         document = json.loads(response.read(1 << 16) or b"{}")
         errors: Iterator[Json] = iter(document.get("errors") or [])

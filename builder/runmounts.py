@@ -23,7 +23,7 @@ from pathlib import Path
 
 from builder.buildcontext import BuildContext
 from builder.errors import BuilderError, ContextError
-from builder.instructions import Mount
+from builder.mounts import Mount
 from builder.plan import RunStep
 from builder.rootpath import resolve_in_root
 from builder.sandbox import BindMount

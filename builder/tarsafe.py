@@ -15,7 +15,6 @@ import stat
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import IO, BinaryIO
 
@@ -103,6 +102,8 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
     # A PAX mtime is a decimal string; tarfile turns it into a float, which loses nanoseconds.
     text = member.pax_headers.get("mtime")
     if text is not None:
+        from decimal import Decimal, InvalidOperation  # only unpacking needs it (start-up time)
+
         try:
             return int(Decimal(text) * 1_000_000_000)
         except InvalidOperation:

@@ -9,7 +9,19 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "builder"
-PURE = {"dockerfile", "plan", "oci", "digest", "expansion", "instructions", "cachekey", "config", "errors"}
+PURE = {
+    "dockerfile",
+    "instructions",
+    "mounts",
+    "stages",
+    "plan",
+    "oci",
+    "digest",
+    "expansion",
+    "cachekey",
+    "config",
+    "errors",
+}
 IMPURE_STDLIB = {"subprocess", "socket", "shutil", "tempfile", "fcntl", "ctypes", "time", "http", "urllib"}
 OWNER_OF = {
     "dockerfile_parse": {"dockerfile"},

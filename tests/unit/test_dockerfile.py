@@ -16,9 +16,9 @@ from builder.instructions import (
     check_chmod,
     check_signal,
     parse_command,
-    parse_mount,
     parse_ports,
 )
+from builder.mounts import parse_mount
 
 # BuildKit's TestParseHeredocHelpers and TestParseExtractsHeredoc: (word, name, expand, chomp).
 HEREDOC_WORDS = [

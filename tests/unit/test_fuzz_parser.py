@@ -28,7 +28,8 @@ from builder.dockerfile import INSTRUCTIONS, parse_dockerfile
 from builder.errors import BuilderError, ExpansionError
 from builder.expansion import expand_word, expand_words
 from builder.oci import CONFIG_MEDIA_TYPE, canonical_json, descriptor, image_manifest, new_image_config
-from builder.plan import Plan, base_images, make_plan, platform_args
+from builder.plan import Plan, make_plan
+from builder.stages import base_images, platform_args
 from builder.store import Store
 
 # On a failure, hypothesis' pytest plugin imports libcst, whose import warns; with warnings as

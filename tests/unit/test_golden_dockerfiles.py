@@ -20,7 +20,8 @@ import pytest
 
 from builder.dockerfile import parse_dockerfile
 from builder.errors import BuilderError
-from builder.plan import DEFAULT_PATH, base_images, make_plan, parse_build_args, platform_args
+from builder.plan import DEFAULT_PATH, make_plan
+from builder.stages import base_images, parse_build_args, platform_args
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "dockerfiles"
 CASES = sorted(path for path in FIXTURES.iterdir() if (path / "Dockerfile").is_file())

@@ -13,16 +13,8 @@ import pytest
 
 from builder.dockerfile import parse_dockerfile
 from builder.errors import BuilderError, DockerfileError
-from builder.plan import (
-    DEFAULT_PATH,
-    CopyStep,
-    Plan,
-    RunStep,
-    base_images,
-    make_plan,
-    parse_build_args,
-    platform_args,
-)
+from builder.plan import DEFAULT_PATH, CopyStep, Plan, RunStep, make_plan
+from builder.stages import base_images, parse_build_args, platform_args
 
 AUTO = platform_args("linux", "amd64")
 IMAGE = {"config": {"Env": [f"PATH={DEFAULT_PATH}"], "Cmd": ["sh"]}}
