@@ -68,10 +68,6 @@ class IgnoreRules:
         """Whether a context-relative path is excluded (itself or through a parent)."""
         return bool(relpath) and self.matcher.matches(relpath)
 
-    @property
-    def has_exceptions(self) -> bool:
-        return self.matcher.exclusions
-
 
 @dataclass(frozen=True)
 class Source:

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 EXIT_ERROR = 1
-EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 

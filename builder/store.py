@@ -42,7 +42,6 @@ __all__ = ["BlobWriter", "Store", "default_root"]
 ROOT_ENV = "BUILDER_ROOT"
 DEFAULT_ROOT = "/var/lib/builder"
 _OVERLAYFS_MAGIC = 0x794C7630
-_CHUNK = 1 << 20
 # Failures of the store's file system itself: reported as a StoreError naming the store.
 _STORAGE_ERRNOS = {
     errno.ENOSPC: " Free some space (builder prune) or pass --root on a larger file system.",
@@ -188,18 +187,6 @@ class Store:
         if not isinstance(document, dict):
             raise StoreError(f"blob {digest} is not a JSON object.")
         return document
-
-    def verify_blob(self, digest: str) -> None:
-        """Stream the blob and check its digest, without holding it in memory."""
-        hasher = hashlib.sha256()
-        try:
-            with self.blob_path(digest).open("rb") as file:
-                while chunk := file.read(_CHUNK):
-                    hasher.update(chunk)
-        except FileNotFoundError as exc:
-            raise StoreError(f"blob {digest} is not in the store {self.root}.") from exc
-        if "sha256:" + hasher.hexdigest() != digest:
-            raise StoreError(f"blob {digest} in {self.root} is corrupt: its content has another digest.")
 
     # small JSON records, each replaced atomically
 
