@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterator
 from itertools import zip_longest
 from pathlib import Path
@@ -79,7 +78,7 @@ def _build_clean(
     stack: contextlib.ExitStack, request: BuildRequest, store: Store, refs: list[str], label: str, log: Log
 ) -> _Built:
     """One build in a new store that holds only the base images ``refs``, removed on exit."""
-    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=store.root / "tmp", prefix="verify-")))
+    tmp = stack.enter_context(store.workdir())  # locked: a killed verify's dir goes with the next build
     clean = Store.open(tmp / "store")
     for ref in refs:
         digest, _, _ = resolve_image(store, ref)
