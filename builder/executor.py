@@ -139,7 +139,7 @@ class StageExecutor:
                 self.log(f"{label}  CACHED")
             created = float(record["created"])
             if record["layer"] is not None:
-                state.layers.append(Layer(record["layer"]["diff_id"], record["layer"]["blob"]))
+                state.layers.append(self._layer(record["layer"]))
             history.append(self._history(step, created, empty=record["layer"] is None))
             parent = key.digest
         state.config["config"] = stage.config
@@ -236,6 +236,16 @@ class StageExecutor:
             found = source_digests(step, self.context, src.merged, self.workdir)
         self.store.put_memo(memo, found)
         return found
+
+    def _layer(self, recorded: Json) -> Layer:
+        """A recorded layer in this build's compression: a cache filled by a gzip build serves a
+        zstd build with zstd blobs (converted once; the store keeps both)."""
+        blob, compression = recorded["blob"], self.settings.compression
+        if blob.get("mediaType") != compression.media_type:
+            from builder.export import layer_as  # only when compressions differ (cached-path start-up)
+
+            blob = layer_as(self.store, dict(blob), recorded["diff_id"], compression, self.settings.level)
+        return Layer(recorded["diff_id"], blob)
 
     def _cached(self, key: str) -> Json | None:
         """A recorded result whose layer is still in the store, or None."""

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from builder.registry import RegistryOptions
     from builder.store import Store
 
-__all__ = ["OUTPUT_KINDS", "Output", "convert_image", "parse_output", "write_output"]
+__all__ = ["OUTPUT_KINDS", "Output", "convert_image", "layer_as", "parse_output", "write_output"]
 
 Json = dict[str, Any]
 Log = Callable[[str], None]
@@ -180,7 +180,7 @@ def convert_image(
     manifest, config, _ = image_blobs(store, manifest_digest)
     diff_ids = config["rootfs"]["diff_ids"]
     layers = [
-        _layer_as(store, dict(desc), str(diff_id), compression, level)
+        layer_as(store, dict(desc), str(diff_id), compression, level)
         for desc, diff_id in zip(manifest["layers"], diff_ids, strict=True)
     ]
     same_blobs = [d["digest"] for d in layers] == [d["digest"] for d in manifest["layers"]]
@@ -192,7 +192,7 @@ def convert_image(
     return store.write_blob(canonical_json(image_manifest(config_desc, layers, manifest.get("annotations"))))
 
 
-def _layer_as(store: Store, desc: Json, diff_id: str, compression: Compression, level: int | None) -> Json:
+def layer_as(store: Store, desc: Json, diff_id: str, compression: Compression, level: int | None) -> Json:
     """A blob of layer ``diff_id`` in ``compression``: the given one, a stored one, or a new one."""
     for found in (desc, *store.layer_blobs(diff_id)):
         if LAYER_COMPRESSIONS.get(found.get("mediaType", "")) == compression.name:

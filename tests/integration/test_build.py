@@ -241,3 +241,14 @@ def test_config_file_sets_defaults_that_flags_override(tmp_path: Path, store: Pa
     bad.write_text("compresion: zstd\n")
     result = run_builder("build", str(context), root=store, env={"BUILDER_CONFIG": str(bad)}, check=False)
     assert result.returncode == 1 and f"{bad}: unknown setting 'compresion'" in result.stderr
+
+
+def test_a_cache_filled_with_gzip_serves_zstd_layers_to_a_zstd_build(tmp_path: Path, store: Path) -> None:
+    context = _context(tmp_path, "FROM busybox:latest\nRUN echo z > /z\n")
+    run_builder("build", "-t", "g:1", str(context), root=store)
+    again = run_builder("build", "-t", "z:1", "--compression", "zstd", str(context), root=store)
+    assert "(0 steps run)" in again.stderr
+    manifest = json.loads(run_builder("inspect", "z:1", root=store).stdout)["manifest"]
+    assert manifest["layers"][-1]["mediaType"] == "application/vnd.oci.image.layer.v1.tar+zstd"
+    gzip = json.loads(run_builder("inspect", "g:1", root=store).stdout)["manifest"]
+    assert gzip["layers"][-1]["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
