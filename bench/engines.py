@@ -182,7 +182,8 @@ def builder_source(rev: str | None, workdir: Path) -> tuple[Path, str]:
     source = workdir / "source"
     source.mkdir()
     archive = subprocess.Popen(
-        ["git", "-C", str(REPO), "archive", commit, "builder", "fixtures"], stdout=subprocess.PIPE
+        ["git", "-C", str(REPO), "archive", commit, "builder", "fixtures", "pyproject.toml", "README.md"],
+        stdout=subprocess.PIPE,
     )
     subprocess.run(["tar", "-x", "-C", str(source)], stdin=archive.stdout, check=True)
     if archive.wait() != 0:
@@ -205,27 +206,33 @@ class BuilderEngine:
         self.template = self.workdir / "template"
         self.root = self.workdir / "store"
         self.log = self.workdir / "log.txt"
-        unwanted = ("BUILDER_ROOT", "SOURCE_DATE_EPOCH", "PYTHONDONTWRITEBYTECODE")
+        unwanted = ("BUILDER_ROOT", "SOURCE_DATE_EPOCH", "PYTHONDONTWRITEBYTECODE", "PYTHONPATH")
         self.env = {k: v for k, v in os.environ.items() if k not in unwanted}
-        self.env["BENCH_BUILDER_SRC"] = str(source)
-        # Compiled once, as an installed package is: bytecode goes to a private cache so that the
-        # measured tree is not written to (PYTHONDONTWRITEBYTECODE, set on some machines, would
-        # make every command compile every module again).
-        self.env["PYTHONPYCACHEPREFIX"] = str(self.workdir / "pycache")
+        # builder as a user installs it (as pipx does): its own venv, a non-editable install with
+        # its bytecode compiled; the probe runs on the venv's interpreter.
+        self.venv = self.workdir / "venv"
+        self.python = str(self.venv / "bin" / "python3")
         self.profile_dir: Path | None = None  # set to get a cProfile of each build (bench/profile)
 
     def describe(self, revision: str) -> str:
-        return f"builder {revision} on Python {sys.version.split()[0]}"
+        return f"builder {revision} on Python {sys.version.split()[0]} (installed in a venv)"
 
     def setup(self) -> None:
-        """A template store with the base image loaded and its snapshot unpacked."""
+        """The venv with builder installed; a template store with the base image loaded and its
+        snapshot unpacked."""
         remove_tree(self.workdir)
         self.workdir.mkdir(parents=True)
+        package = self.workdir / "package"  # a copy: installing writes build files into the tree
+        shutil.copytree(
+            self.source / "builder", package / "builder", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(self.source / name, package / name)
+        subprocess.run([sys.executable, "-m", "venv", str(self.venv)], check=True)
         subprocess.run(
-            [sys.executable, "-m", "compileall", "-q", str(self.source / "builder"), str(PROBE)],
+            [self.python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(package)],
             env=self.env,
             check=True,
-            capture_output=True,
         )
         self._cli("load", f"oci:{self.base_layout}", "-t", "busybox:latest", root=self.template)
         warm = self.workdir / "warm"
@@ -235,7 +242,7 @@ class BuilderEngine:
         shutil.rmtree(warm)
 
     def _cli(self, *args: str, root: Path) -> None:
-        argv = [sys.executable, str(PROBE), *args, "--root", str(root)]
+        argv = [self.python, str(PROBE), *args, "--root", str(root)]
         status = _run_measured(argv, self.env, self.log).status
         if status != 0:
             raise EngineError(f"builder {' '.join(args)} failed ({status}):\n{_tail(self.log)}")
@@ -257,7 +264,7 @@ class BuilderEngine:
     ) -> Sample:
         phases_file = self.workdir / "phases.json"
         phases_file.unlink(missing_ok=True)
-        argv = [sys.executable, str(PROBE), "build", "-q", "--root", str(self.root), "-t", tag, *extra]
+        argv = [self.python, str(PROBE), "build", "-q", "--root", str(self.root), "-t", tag, *extra]
         if dockerfile is not None:
             argv += ["-f", str(dockerfile)]
         if target is not None:

@@ -5,6 +5,9 @@ not exist, except the directories that hold a path a ``!`` rule brings back. Sou
 matched with Go ``filepath.Match`` wildcards (BuildKit's ResolveWildcards), a symlink named as
 a source is followed but never out of the context, and content is keyed by path, type, mode,
 link target and bytes: never by mtime or by where the checkout lives.
+
+A build walks each source once: the entries its cache key describes are kept on the
+:class:`BuildContext` and are the ones the copy writes (a file's bytes are checked against them).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import ContextError
-from builder.fscopy import travelling_xattrs
+from builder.fscopy import CopyEntry, check_unchanged, describe, open_source
 from builder.patterns import BadPatternError, PatternMatcher, clean, go_match, has_wildcards
 from builder.rootpath import RootEscapeError, is_real_dir, resolve_in_root
 
@@ -26,7 +29,7 @@ __all__ = [
     "BuildContext",
     "IgnoreRules",
     "Source",
-    "entry_digest",
+    "digest_entry",
     "filtered_walk",
     "match_root",
     "split_wildcards",
@@ -160,38 +163,45 @@ def _relative(root: Path, path: Path) -> str:
 Filter = tuple[PatternMatcher, str]  # patterns, and the prefix the walked paths are matched under
 
 
-def filtered_walk(top: Path, filters: Sequence[Filter] = ()) -> Iterator[tuple[str, Path]]:
+def filtered_walk(top: Path, filters: Sequence[Filter] = ()) -> Iterator[CopyEntry]:
     """Every path below ``top`` (relative to it), sorted, a directory before its contents.
 
     Symlinks are yielded, never followed. A path a filter matches is left out; a directory left
     out is still entered when each filter that matched it has a ``!`` rule that may bring back
-    something below, and is yielded only if something is.
+    something below, and is yielded only if something is. Each directory on the way carries its
+    filters' :meth:`~PatternMatcher.hits`, so a path is matched alone, not with all its parents.
     """
-    pending: list[tuple[str, Path]] = []  # left-out dirs entered, not yet yielded
-    stack = [("", iter(_entries(top)))]
+    pending: list[CopyEntry] = []  # left-out dirs entered, not yet yielded
+    hits = tuple(m.hits(prefix, m.parent_hits(prefix)) if prefix else 0 for m, prefix in filters)
+    base = str(top)
+    stack = [("", iter(_entries(base)), hits)]
     while stack:
-        rel, entries = stack[-1]
+        rel, entries, parents = stack[-1]
         entry = next(entries, None)
         if entry is None:
             stack.pop()
-            if pending and pending[-1][0] == rel:
+            if pending and pending[-1].rel == rel:
                 pending.pop()
             continue
         child = f"{rel}/{entry.name}" if rel else entry.name
         is_dir = entry.is_dir(follow_symlinks=False)
-        path = top / child
-        hits = [(m, f"{prefix}/{child}" if prefix else child) for m, prefix in filters]
-        hits = [(m, name) for m, name in hits if m.matches(name)]
-        if hits:
-            if is_dir and all(m.may_include_below(name) for m, name in hits):
-                pending.append((child, path))
-                stack.append((child, iter(_entries(path))))
+        named = [
+            (m, f"{prefix}/{child}" if prefix else child, bits)
+            for (m, prefix), bits in zip(filters, parents, strict=True)
+        ]
+        hit = [(m, name) for m, name, bits in named if m.matches(name, bits)]
+        if hit and not (is_dir and all(m.may_include_below(name) for m, name in hit)):
+            continue
+        found = describe(base, child, entry.stat(follow_symlinks=False))
+        if is_dir:
+            below = tuple(m.hits(name, bits) for m, name, bits in named)
+            stack.append((child, iter(_entries(entry.path)), below))
+        if hit:
+            pending.append(found)
             continue
         yield from pending
         pending.clear()
-        yield child, path
-        if is_dir:
-            stack.append((child, iter(_entries(path))))
+        yield found
 
 
 class BuildContext:
@@ -200,6 +210,8 @@ class BuildContext:
     def __init__(self, root: Path, ignore: IgnoreRules) -> None:
         self.root = root
         self.ignore = ignore
+        self._tops: dict[Path, CopyEntry] = {}
+        self._walks: dict[tuple[Path, str, PatternMatcher | None], tuple[CopyEntry, ...]] = {}
 
     @classmethod
     def load(cls, root: Path, dockerfile: Path | None) -> BuildContext:
@@ -231,50 +243,67 @@ class BuildContext:
             return True
         if not is_real_dir(source.path) or not self.ignore.matcher.may_include_below(source.relpath):
             return False
-        return next(iter(self.walk(source)), None) is not None
+        return bool(self.entries(source))
 
-    def walk(self, source: Source, exclude: PatternMatcher | None = None) -> Iterator[tuple[str, Path]]:
-        """Every path below a source directory (relative to it), ignored and excluded ones left out."""
-        filters = [(self.ignore.matcher, source.relpath)]
-        if exclude is not None:
-            filters.append((exclude, ""))
-        return filtered_walk(source.path, filters)
+    def describe(self, source: Source) -> CopyEntry:
+        """The source itself, looked at once per build (its key and its copy see the same)."""
+        found = self._tops.get(source.path)
+        if found is None:
+            found = self._tops[source.path] = describe(str(source.path))
+        return found
+
+    def entries(self, source: Source, exclude: PatternMatcher | None = None) -> tuple[CopyEntry, ...]:
+        """Every path below a source directory, ignored and excluded ones left out.
+
+        Walked once per build: the cache key's walk is the copy's, so both describe one state of
+        the context, and a file changed in between fails the copy (see fscopy.check_unchanged).
+        """
+        memo = (source.path, source.relpath, exclude)
+        found = self._walks.get(memo)
+        if found is None:
+            filters = [(self.ignore.matcher, source.relpath)]
+            if exclude is not None:
+                filters.append((exclude, ""))
+            found = self._walks[memo] = tuple(filtered_walk(source.path, filters))
+        return found
 
 
-def _entries(directory: Path) -> list[os.DirEntry[str]]:
+def _entries(directory: str) -> list[os.DirEntry[str]]:
     try:
         return sorted(os.scandir(directory), key=lambda e: e.name)
     except OSError as exc:
         raise ContextError(f"cannot read {directory}: {exc.strerror}.") from exc
 
 
-def entry_digest(relpath: str, path: Path, *, owners: bool = False) -> str:
+def digest_entry(name: str, entry: CopyEntry, *, owners: bool = False) -> str:
     """What a copy of the entry depends on: name, type, mode, link target or bytes, device, the
     xattrs that travel, and with ``owners`` its uid and gid (a context's owners do not count)."""
-    info = path.lstat()
-    fields = [relpath.encode("utf-8", "surrogateescape"), b"%o" % info.st_mode]
-    if stat.S_ISLNK(info.st_mode):
-        fields.append(os.fsencode(os.readlink(path)))
-    elif stat.S_ISREG(info.st_mode):
-        fields.append(_file_sha256(path).encode())
-    elif stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode):
-        fields.append(b"%d" % info.st_rdev)
+    fields = [name.encode("utf-8", "surrogateescape"), b"%o" % entry.mode]
+    if stat.S_ISLNK(entry.mode):
+        fields.append(os.fsencode(entry.link))
+    elif stat.S_ISREG(entry.mode):
+        fields.append(_file_sha256(entry).encode())
+    elif stat.S_ISCHR(entry.mode) or stat.S_ISBLK(entry.mode):
+        fields.append(b"%d" % entry.rdev)
     if owners:
-        fields.append(b"%d:%d" % (info.st_uid, info.st_gid))
-    for name, value in travelling_xattrs(path):
-        fields += [name.encode(), value]
-    hasher = hashlib.sha256()
-    for field in fields:
-        hasher.update(len(field).to_bytes(8, "big") + field)
-    return hasher.hexdigest()
+        fields.append(b"%d:%d" % (entry.uid, entry.gid))
+    for attribute, value in entry.xattrs:
+        fields += [attribute.encode(), value]
+    return hashlib.sha256(b"".join(len(field).to_bytes(8, "big") + field for field in fields)).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def _file_sha256(entry: CopyEntry) -> str:
+    """The bytes of the file ``entry`` describes, read in the size it had (checked after)."""
     hasher = hashlib.sha256()
+    fd = open_source(entry)
     try:
-        with path.open("rb") as file:
-            while chunk := file.read(_CHUNK):
-                hasher.update(chunk)
+        left = entry.size
+        while left > 0 and (chunk := os.read(fd, min(left, _CHUNK))):
+            hasher.update(chunk)
+            left -= len(chunk)
+        check_unchanged(fd, entry)
     except OSError as exc:
-        raise ContextError(f"cannot read {path}: {exc.strerror}.") from exc
+        raise ContextError(f"cannot read {entry.path}: {exc.strerror}.") from exc
+    finally:
+        os.close(fd)
     return hasher.hexdigest()

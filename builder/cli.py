@@ -55,11 +55,7 @@ def _platform(text: str) -> Platform:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="builder", description="Build OCI images from Dockerfiles.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    build = commands.add_parser("build", help="build an image from a Dockerfile")
+def _build_flags(build: argparse.ArgumentParser) -> None:
     build.add_argument("context", type=Path, help="the build context directory")
     build.add_argument("-f", "--file", type=Path, help="the Dockerfile (default: CONTEXT/Dockerfile)")
     build.add_argument("-t", "--tag", action="append", default=[], help="name:tag to give the image")
@@ -115,65 +111,42 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("-q", "--quiet", action="store_true", help="print only the image digest")
     build.set_defaults(handler=_build)
 
-    load = commands.add_parser(
-        "load", help="import an image from an OCI layout or archive, or a Docker archive"
-    )
+
+def _load_flags(load: argparse.ArgumentParser) -> None:
     load.add_argument(
         "source", help="oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME:TAG]"
     )
     load.add_argument("-t", "--tag", action="append", default=[], help="name:tag to give the image")
     load.set_defaults(handler=_load)
 
-    images = commands.add_parser("images", help="list the images in the store")
+
+def _images_flags(images: argparse.ArgumentParser) -> None:
     images.add_argument("-q", "--quiet", action="store_true", help="print only the digests")
     images.set_defaults(handler=_images)
 
-    inspect = commands.add_parser("inspect", help="print an image's config")
+
+def _inspect_flags(inspect: argparse.ArgumentParser) -> None:
     inspect.add_argument("image")
     inspect.set_defaults(handler=_inspect)
-    _image_commands(commands)
-
-    prune = commands.add_parser("prune", help="remove build cache and unreferenced data")
-    prune.add_argument("--keep-storage", metavar="SIZE", help="keep up to SIZE of layers (500MB, 2GB)")
-    prune.add_argument(
-        "--filter",
-        dest="filters",
-        action="append",
-        default=[],
-        metavar="until=DURATION",
-        help="e.g. until=24h",
-    )
-    prune.set_defaults(handler=_prune)
-
-    du = commands.add_parser("du", help="show the store's disk usage")
-    du.set_defaults(handler=_du)
-
-    check = commands.add_parser("check", help="verify every blob, record, tag and snapshot of the store")
-    check.add_argument(
-        "--repair", action="store_true", help="remove what is corrupt or stale (images are only reported)"
-    )
-    check.set_defaults(handler=_check)
-    for name, sub in commands.choices.items():
-        add_setting_flags(sub, name)
-    return parser
 
 
-def _image_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """history, tag, rmi, save, pull, push: images in the store, and in and out of it."""
-    history = commands.add_parser("history", help="show an image's history, newest first")
+def _history_flags(history: argparse.ArgumentParser) -> None:
     history.add_argument("image")
     history.set_defaults(handler=_history)
 
-    tag = commands.add_parser("tag", help="give a stored image another name")
+
+def _tag_flags(tag: argparse.ArgumentParser) -> None:
     tag.add_argument("source")
     tag.add_argument("targets", nargs="+", metavar="target")
     tag.set_defaults(handler=_tag)
 
-    rmi = commands.add_parser("rmi", help="remove image names (builder prune reclaims the space)")
+
+def _rmi_flags(rmi: argparse.ArgumentParser) -> None:
     rmi.add_argument("images", nargs="+", metavar="image")
     rmi.set_defaults(handler=_rmi)
 
-    save = commands.add_parser("save", help="write a stored image out (default: a Docker archive)")
+
+def _save_flags(save: argparse.ArgumentParser) -> None:
     save.add_argument("image")
     save.add_argument(
         "-o",
@@ -186,15 +159,72 @@ def _image_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser
     )
     save.set_defaults(handler=_save)
 
-    pull = commands.add_parser("pull", help="pull an image from a registry into the store")
+
+def _pull_flags(pull: argparse.ArgumentParser) -> None:
     pull.add_argument("image")
     pull.add_argument("--platform", type=_platform, help="os/arch[/variant] (default: the host's)")
     pull.set_defaults(handler=_pull)
 
-    push = commands.add_parser("push", help="push a stored image to a registry")
+
+def _push_flags(push: argparse.ArgumentParser) -> None:
     push.add_argument("image")
     push.add_argument("destination", nargs="?", help="where to push (default: the image's own name)")
     push.set_defaults(handler=_push)
+
+
+def _prune_flags(prune: argparse.ArgumentParser) -> None:
+    prune.add_argument("--keep-storage", metavar="SIZE", help="keep up to SIZE of layers (500MB, 2GB)")
+    prune.add_argument(
+        "--filter",
+        dest="filters",
+        action="append",
+        default=[],
+        metavar="until=DURATION",
+        help="e.g. until=24h",
+    )
+    prune.set_defaults(handler=_prune)
+
+
+def _du_flags(du: argparse.ArgumentParser) -> None:
+    du.set_defaults(handler=_du)
+
+
+def _check_flags(check: argparse.ArgumentParser) -> None:
+    check.add_argument(
+        "--repair", action="store_true", help="remove what is corrupt or stale (images are only reported)"
+    )
+    check.set_defaults(handler=_check)
+
+
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "build": ("build an image from a Dockerfile", _build_flags),
+    "load": ("import an image from an OCI layout or archive, or a Docker archive", _load_flags),
+    "images": ("list the images in the store", _images_flags),
+    "inspect": ("print an image's config", _inspect_flags),
+    "history": ("show an image's history, newest first", _history_flags),
+    "tag": ("give a stored image another name", _tag_flags),
+    "rmi": ("remove image names (builder prune reclaims the space)", _rmi_flags),
+    "save": ("write a stored image out (default: a Docker archive)", _save_flags),
+    "pull": ("pull an image from a registry into the store", _pull_flags),
+    "push": ("push a stored image to a registry", _push_flags),
+    "prune": ("remove build cache and unreferenced data", _prune_flags),
+    "du": ("show the store's disk usage", _du_flags),
+    "check": ("verify every blob, record, tag and snapshot of the store", _check_flags),
+}
+
+
+def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The command line's parser. Only the command being run gets its flags (start-up time);
+    without a known command (none, --help, a typo) every command does, for the usage."""
+    wanted = argv[0] if argv and argv[0] in _COMMANDS else None
+    parser = argparse.ArgumentParser(prog="builder", description="Build OCI images from Dockerfiles.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_flags) in _COMMANDS.items():
+        if wanted in (None, name):
+            sub = commands.add_parser(name, help=help_text)
+            add_flags(sub)
+            add_setting_flags(sub, name)
+    return parser
 
 
 _interrupted = False  # set by the first SIGTERM or Ctrl-C
@@ -219,7 +249,8 @@ def _raise_if_interrupted() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     global _interrupted
     _interrupted = False
-    args = _parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    args = _parser(arguments).parse_args(arguments)
     previous = {stop: signal.getsignal(stop) for stop in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _interrupt)
     if previous[signal.SIGINT] is not signal.SIG_IGN:  # as a background job's is
@@ -240,9 +271,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    finally:  # done: a signal no longer unwinds anything (SIGTERM now just ends the process)
+    finally:  # done: a signal no longer unwinds anything (SIGTERM now just ends the process) ...
         for stop, handler in previous.items():
-            if handler is not None:
+            if _interrupted:  # ... but once interrupted, another must not cut the exit (130) short
+                signal.signal(stop, signal.SIG_IGN)
+            elif handler is not None:
                 signal.signal(stop, handler)
 
 

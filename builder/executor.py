@@ -1,17 +1,22 @@
-"""Run a planned stage: cache lookups, RUN in the sandbox, COPY and WORKDIR through overlay.
+"""Run planned stages: cache lookups, RUN in the sandbox, COPY and WORKDIR through overlay.
 
 Each filesystem step gets a cache key from the parent key, the step's semantic fields and the
 content digests of its inputs (recipe versioned below). A hit reuses the recorded result
 without mounting anything; a miss mounts the layers, runs the step, diffs the upper dir into a
 layer (or none, when nothing changed) and records the result.
+
+Stages may run at once in threads (builder.stagegraph): each gets an executor of its own
+(``for_stage``); what they share (the stop flag, the log, the cache-key claims) is in ``_Control``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
@@ -21,7 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from builder.buildcontext import BuildContext, entry_digest
+from builder.buildcontext import BuildContext, digest_entry
 from builder.cachekey import CacheKey, base_key, explain_miss, step_key
 from builder.digest import sha256_digest
 from builder.errors import BuilderError, ContextError, StepFailed
@@ -29,7 +34,8 @@ from builder.fscopy import make_dirs
 from builder.layer import COMPRESSION_ANNOTATION, Compression, write_layer
 from builder.oci import canonical_json, format_time
 from builder.plan import ConfigStep, CopyStep, RunStep, Stage, Step, WorkdirStep
-from builder.sandbox import SandboxSpec, run_sandboxed
+from builder.sandbox import SandboxSpec
+from builder.sandboxserver import run_sandboxed
 from builder.snapshot import Mounted, Snapshotter
 from builder.store import Store
 from builder.transfer import run_copy, source_digests
@@ -82,8 +88,46 @@ def _merged(mounting: AbstractContextManager[Mounted]) -> Iterator[Path]:
         yield mounted.merged
 
 
+class _Stopped(Exception):
+    """A stage given up because another one failed or the build was interrupted."""
+
+
+class _Control:
+    """What the executors of one build's concurrent stages share."""
+
+    def __init__(self, log: Log) -> None:
+        self.stopping = threading.Event()
+        self._log = log
+        self._log_lock = threading.Lock()
+        self._claims_lock = threading.Lock()
+        self._claims: dict[str, threading.Lock] = {}
+
+    def log(self, line: str) -> None:
+        """Lines from several threads, each written whole."""
+        with self._log_lock:
+            self._log(line)
+
+    def check(self) -> None:
+        """Give the stage up once the build is stopping (checked between steps)."""
+        if self.stopping.is_set():
+            raise _Stopped
+
+    @contextlib.contextmanager
+    def claim(self, key: str) -> Iterator[None]:
+        """Held while a step with this cache key is looked up and run: a stage that reaches the
+        same key meanwhile waits, then hits the cache, as it would have in sequence."""
+        with self._claims_lock:
+            lock = self._claims.setdefault(key, threading.Lock())
+        with lock:
+            yield
+
+
 class StageExecutor:
-    """Runs stages of one build; owns nothing but what it is handed."""
+    """Runs stages of one build; owns nothing but what it is handed.
+
+    Each stage runs in an executor of its own (``for_stage``): its own work dir, so that two
+    stages never share a scratch name, and its own counters, added up as stages end.
+    """
 
     def __init__(
         self,
@@ -99,10 +143,29 @@ class StageExecutor:
         self.context = context
         self.settings = settings
         self.workdir = workdir
-        self.log = log
+        self.control = _Control(log)
         self.executed = 0  # steps that ran (not served from the cache)
         self.keys: dict[str, Json] = {}  # "stage/step" → CacheKey.to_json(), for the next explanation
         self.stage_keys: dict[int, list[str]] = {}  # the cache keys each stage used, for --cache-to
+
+    def for_stage(self, index: int) -> StageExecutor:
+        """An executor for stage ``index``: the same collaborators, stop flag, claims and log,
+        with a work dir and counters of its own."""
+        workdir = self.workdir / f"stage-{index}"
+        try:
+            workdir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise self.store.storage_error(exc) from exc
+        executor = copy.copy(self)
+        executor.workdir = workdir
+        executor.executed, executor.keys, executor.stage_keys = 0, {}, {}
+        return executor
+
+    def absorb(self, finished: StageExecutor) -> None:
+        """Count what the executor of a finished stage did."""
+        self.executed += finished.executed
+        self.keys |= finished.keys
+        self.stage_keys |= finished.stage_keys
 
     def run_stage(
         self, stage: Stage, base: ImageState, sources: Mapping[int | str, ImageState]
@@ -117,7 +180,8 @@ class StageExecutor:
         created = self._base_time(base)
         total = len(stage.steps)
         for number, step in enumerate(stage.steps, 1):
-            label = f"[{stage.name or f'stage-{stage.index}'} {number}/{total}] {step.created_by}"
+            self.control.check()
+            tag = f"[{stage.name or f'stage-{stage.index}'} {number}/{total}]"
             if isinstance(step, ConfigStep):
                 history.append(self._history(step, created, empty=True))
                 continue
@@ -125,18 +189,9 @@ class StageExecutor:
             slot = f"{stage.index}/{number}"
             self.keys[slot] = key.to_json()
             used.append(key.digest)
-            record = None if skip_cache else self._cached(key.digest)
-            if record is None:
-                previous = self.settings.previous_keys.get(slot)
-                why = "--no-cache" if skip_cache else explain_miss(key, previous)
-                self.log(f"{label}  (not cached: {why})")
-                started = time.monotonic()
-                record = self._execute(step, state, sources)
-                self.store.put_cache(key.digest, record)
-                self.executed += 1
-                self.log(f"  done in {time.monotonic() - started:.2f}s")
-            else:
-                self.log(f"{label}  CACHED")
+            record = self._result(
+                step, key, slot=slot, tag=tag, skip_cache=skip_cache, state=state, sources=sources
+            )
             created = float(record["created"])
             if record["layer"] is not None:
                 state.layers.append(self._layer(record["layer"]))
@@ -149,6 +204,35 @@ class StageExecutor:
         state.config["rootfs"] = {"type": "layers", "diff_ids": state.diff_ids}
         state.config["created"] = format_time(created)
         return state
+
+    def _result(
+        self,
+        step: Step,
+        key: CacheKey,
+        *,
+        slot: str,
+        tag: str,
+        skip_cache: bool,
+        state: ImageState,
+        sources: Mapping[int | str, ImageState],
+    ) -> Json:
+        """The step's recorded result, from the cache or by running it (and recording it)."""
+        label = f"{tag} {step.created_by}"
+        with self.control.claim(key.digest):
+            self.control.check()
+            record = None if skip_cache else self._cached(key.digest)
+            if record is not None:
+                self.control.log(f"{label}  CACHED")
+                return record
+            previous = self.settings.previous_keys.get(slot)
+            why = "--no-cache" if skip_cache else explain_miss(key, previous)
+            self.control.log(f"{label}  (not cached: {why})")
+            started = time.monotonic()
+            record = self._execute(step, state, sources)
+            self.store.put_cache(key.digest, record)
+            self.executed += 1
+            self.control.log(f"{tag} done in {time.monotonic() - started:.2f}s")
+        return record
 
     def _base_time(self, base: ImageState) -> float:
         if self.settings.epoch is not None:
@@ -213,9 +297,11 @@ class StageExecutor:
             found: dict[str, str] = {}
             try:
                 for source in self.context.match(mount.source or "."):
-                    found[source.relpath] = entry_digest(source.relpath, source.path)
-                    for rel, path in self.context.walk(source) if source.path.is_dir() else ():
-                        found[f"{source.relpath}/{rel}"] = entry_digest(f"{source.relpath}/{rel}", path)
+                    found[source.relpath] = digest_entry(source.relpath, self.context.describe(source))
+                    for entry in self.context.entries(source) if source.path.is_dir() else ():
+                        found[f"{source.relpath}/{entry.rel}"] = digest_entry(
+                            f"{source.relpath}/{entry.rel}", entry
+                        )
             except BuilderError as exc:
                 raise self._fail(step, str(exc)) from exc
             inputs[f"mount:{mount.target}"] = sha256_digest(canonical_json(found))
@@ -253,8 +339,9 @@ class StageExecutor:
         if record is None or "created" not in record or "layer" not in record:
             return None
         layer = record["layer"]
-        if layer is not None and not self.store.has_blob(str(layer.get("blob", {}).get("digest"))):
-            return None
+        blob = layer.get("blob", {}) if layer is not None else None
+        if blob is not None and not self.store.has_blob(str(blob.get("digest")), blob.get("size")):
+            return None  # gone, or cut short by a power cut before the store was synced
         self.store.touch_cache(key)
         return record
 

@@ -7,6 +7,10 @@ is an existing directory, else becomes it. The destination path is resolved insi
 host; below it nothing is followed: an entry in the way is replaced, or is an error when a
 directory would replace a non-directory or the other way round. Owners, modes (``--chmod``),
 times, xattrs and hard links within one copy are kept.
+
+What is copied is a :class:`CopyEntry`: a path as one look saw it (stat, link target, xattrs).
+The cache key describes the same entries, and a file's bytes are checked against that look when
+they are read, so the key and the copy never describe two different states of a file.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,29 +29,120 @@ from builder.users import Identity
 
 __all__ = [
     "Chmod",
+    "CopyEntry",
     "CopySource",
     "Walker",
+    "check_unchanged",
     "copy_sources",
+    "describe",
     "make_dirs",
+    "open_source",
     "parse_chmod",
     "travelling_xattrs",
 ]
 
-Walker = Callable[[], Iterator[tuple[str, Path]]]
-
 _CHUNK = 1 << 20
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a file swapped for a FIFO since it was looked at must not hang the build
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CLAUSE = re.compile(r"([ugoa]*)((?:[-+=](?:[ugo]|[rwxXst]*))+)|([-+=])([0-7]+)")
 _ACTION = re.compile(r"([-+=])([ugo]|[rwxXst]*)")
 _CLASS_BITS = {"u": 0o700, "g": 0o070, "o": 0o007}
 _CLASS_SPECIAL = {"u": 0o4000, "g": 0o2000, "o": 0}
 
 
+@dataclass(frozen=True, slots=True)
+class CopyEntry:
+    """One path of a source as a single look saw it; the cache key and the copy both use it.
+
+    The fields of its lstat that a copy needs, not the whole stat_result, and its host path in
+    two parts, the first shared: a build keeps one of these for every path of the context it
+    copies (about 0.5 KiB each).
+    """
+
+    base: str  # the walked directory on the host
+    rel: str  # below it, "/"-separated; "" for the directory (or a file) itself
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    ino: int
+    dev: int
+    nlink: int
+    rdev: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    link: str  # a symlink's target, else ""
+    xattrs: tuple[tuple[str, bytes], ...]  # the ones that travel (travelling_xattrs)
+
+    @property
+    def path(self) -> str:
+        """Where it is on the host."""
+        return f"{self.base}/{self.rel}" if self.rel else self.base
+
+    def same_file(self, now: os.stat_result) -> bool:
+        """Whether ``now`` is still this file with these bytes (a write moves the ctime)."""
+        return (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns, now.st_ctime_ns) == (
+            self.ino,
+            self.dev,
+            self.size,
+            self.mtime_ns,
+            self.ctime_ns,
+        )
+
+
+Walker = Callable[[], Iterable[CopyEntry]]
+
+
+def describe(base: str, rel: str = "", info: os.stat_result | None = None) -> CopyEntry:
+    """Look at ``rel`` below ``base``, or ``base`` itself (``info``: the lstat the caller has)."""
+    path = f"{base}/{rel}" if rel else base
+    info = os.lstat(path) if info is None else info
+    mode = info.st_mode
+    return CopyEntry(
+        base,
+        rel,
+        mode,
+        info.st_uid,
+        info.st_gid,
+        info.st_size,
+        info.st_ino,
+        info.st_dev,
+        info.st_nlink,
+        info.st_rdev,
+        info.st_atime_ns,
+        info.st_mtime_ns,
+        info.st_ctime_ns,
+        os.readlink(path) if stat.S_ISLNK(mode) else "",
+        travelling_xattrs(path),
+    )
+
+
+def open_source(entry: CopyEntry) -> int:
+    """A descriptor to read a regular file's bytes; :func:`check_unchanged` after reading them."""
+    try:
+        return os.open(entry.path, _READ)
+    except OSError as exc:
+        raise ContextError(f"cannot read {entry.path}: {exc.strerror}.") from exc
+
+
+def check_unchanged(fd: int, entry: CopyEntry) -> None:
+    """Refuse bytes read from a file that is no longer what ``entry`` describes.
+
+    Checked after the read: a write meanwhile moves the ctime, which the kernel makes
+    fine-grained once it has been looked at (multigrain timestamps, Linux 6.13).
+    """
+    if not entry.same_file(os.fstat(fd)):
+        raise ContextError(f"{entry.path} changed during the build; build again when it is settled.")
+
+
 @dataclass(frozen=True)
 class CopySource:
     """A file, link or directory to copy; ``children`` lists a directory's contents.
 
+    ``top`` is the source itself as the cache key saw it (None: looked at when copied).
     ``parents`` are directories recreated below the destination first, outermost first, as
     (name, host path): with ``--parents``, the path from the pivot down to the source, a
     directory source included (its contents then go into it).
@@ -57,6 +152,7 @@ class CopySource:
     name: str
     children: Walker
     parents: tuple[tuple[str, Path], ...] = ()
+    top: CopyEntry | None = None
 
 
 @dataclass(frozen=True)
@@ -189,8 +285,10 @@ def copy_sources(
         copier.finish()
     except OSError as exc:
         name = os.fsdecode(exc.filename) if exc.filename else ""
-        where = copier.container_path(Path(name)) if name.startswith(f"{root}/") else name
+        where = copier.container_path(name) if name.startswith(f"{root}/") else name
         raise ContextError(f"copying to {dest} failed: {where or dest}: {exc.strerror}.") from exc
+    finally:
+        copier.close()
 
 
 class _Copier:
@@ -198,11 +296,13 @@ class _Copier:
         self.root = root
         self.owner = owner
         self.chmod = chmod
-        self.dir_times: list[tuple[Path, os.stat_result]] = []
-        self.links: dict[tuple[int, int], Path] = {}
+        self.dir_times: list[tuple[str, CopyEntry]] = []
+        self.links: dict[tuple[int, int], str] = {}
+        self.parent = ("", -1)  # the destination directory files were last created in, and its fd
 
     def copy_source(self, source: CopySource, dest: str) -> None:
-        is_dir = is_real_dir(source.path)
+        top = source.top or describe(str(source.path))
+        is_dir = stat.S_ISDIR(top.mode)
         target = resolve_in_root(self.root, dest)
         if not is_dir and not dest.endswith("/") and not is_real_dir(target):
             # A file replaces a symlink in its way rather than writing where the link points.
@@ -212,109 +312,159 @@ class _Copier:
             if not is_dir:
                 target = target / source.name
         if not is_dir:
-            self.copy_entry(source.path, target, source.name)
+            self.copy_entry(top, str(target), source.name)
             return
         if not os.path.lexists(target):
-            make_dirs(self.root, self.container_path(target), self.owner)
+            make_dirs(self.root, self.container_path(str(target)), self.owner)
         elif not is_real_dir(target):
             raise ContextError(
                 f"cannot copy the directory {source.name or '.'} to {dest}: it exists and is not a directory."
             )
-        for rel, path in source.children():
-            self.copy_entry(path, target / rel, rel)
+        for entry in source.children():
+            self.copy_entry(entry, f"{target}/{entry.rel}", entry.rel)
 
     def _parents(self, target: Path, dest: str, parents: tuple[tuple[str, Path], ...]) -> Path:
         """The directory the source goes into: ``target``, made if missing, and the parents below."""
         if not is_real_dir(target):
             if os.path.lexists(target):
                 raise ContextError(f"cannot copy into {dest}: it exists and is not a directory.")
-            make_dirs(self.root, self.container_path(target), self.owner)
+            make_dirs(self.root, self.container_path(str(target)), self.owner)
         for name, path in parents:
             target = target / name
-            self.copy_entry(path, target, name, overwrite=False)
+            self.copy_entry(describe(str(path)), str(target), name, overwrite=False)
         return target
 
-    def container_path(self, path: Path) -> str:
-        return "/" + str(path.relative_to(self.root)) if path != self.root else "/"
+    def container_path(self, path: str) -> str:
+        root = str(self.root)
+        return "/" + path[len(root) :].lstrip("/") if path.startswith(f"{root}/") else "/"
 
-    def copy_entry(self, src: Path, dst: Path, name: str, *, overwrite: bool = True) -> None:
-        """Copy one entry; a directory already there keeps its metadata unless ``overwrite``."""
-        info = src.lstat()
-        existing = _lstat(dst)
-        if stat.S_ISDIR(info.st_mode):
-            if existing is not None and not stat.S_ISDIR(existing.st_mode):
+    def copy_entry(self, entry: CopyEntry, dst: str, name: str, *, overwrite: bool = True) -> None:
+        """Copy one entry; a directory already there keeps its metadata unless ``overwrite``.
+
+        Creation comes first and what is in the way is looked at only when it fails: below a
+        directory this copy made, nothing can be.
+        """
+        if stat.S_ISDIR(entry.mode):
+            self._copy_dir(entry, dst, name, overwrite=overwrite)
+        elif not self._make(entry, dst):
+            if stat.S_ISDIR(os.lstat(dst).st_mode):
+                raise ContextError(
+                    f"cannot replace the directory {self.container_path(dst)} with the file {name}."
+                )
+            os.unlink(dst)
+            if not self._make(entry, dst):
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+
+    def _copy_dir(self, entry: CopyEntry, dst: str, name: str, *, overwrite: bool) -> None:
+        try:
+            os.mkdir(dst, 0o700)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(dst).st_mode):
                 raise ContextError(
                     f"cannot copy the directory {name} over {self.container_path(dst)}, "
                     "which is not a directory."
-                )
-            if existing is None:
-                os.mkdir(dst, 0o700)
-            if existing is None or overwrite:
-                self._set_metadata(src, dst, info)
-                self.dir_times.append((dst, info))
-            return
-        if existing is not None and stat.S_ISDIR(existing.st_mode):
-            raise ContextError(
-                f"cannot replace the directory {self.container_path(dst)} with the file {name}."
-            )
-        if existing is not None:
-            os.unlink(dst)
-        if self._make(src, dst, info):
-            self._set_metadata(src, dst, info)
-            os.utime(dst, ns=(info.st_atime_ns, info.st_mtime_ns), follow_symlinks=False)
+                ) from None
+            if not overwrite:
+                return
+        self._set_metadata(dst, entry)
+        self.dir_times.append((dst, entry))
 
-    def _make(self, src: Path, dst: Path, info: os.stat_result) -> bool:
-        """Create ``dst`` like ``src``; False when it is a link to a file copied before, or a socket."""
-        mode = info.st_mode
-        if stat.S_ISREG(mode):
-            key = (info.st_dev, info.st_ino)
-            if info.st_nlink > 1 and key in self.links:
-                os.link(self.links[key], dst, follow_symlinks=False)
-                return False
-            _copy_file(src, dst)
-            self.links.setdefault(key, dst)
-        elif stat.S_ISLNK(mode):
-            os.symlink(os.readlink(src), dst)
-        elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-            os.mknod(dst, stat.S_IFMT(mode) | 0o600, info.st_rdev)
-        else:
-            return False  # a socket is a running process's endpoint, not content
+    def _make(self, entry: CopyEntry, dst: str) -> bool:
+        """Create ``dst`` like ``entry``, metadata included; False when something is in its way."""
+        try:
+            if stat.S_ISREG(entry.mode):
+                return self._copy_file(entry, dst)
+            if stat.S_ISLNK(entry.mode):
+                os.symlink(entry.link, dst)
+            elif stat.S_ISFIFO(entry.mode) or stat.S_ISCHR(entry.mode) or stat.S_ISBLK(entry.mode):
+                os.mknod(dst, stat.S_IFMT(entry.mode) | 0o600, entry.rdev)
+            else:
+                return True  # a socket is a running process's endpoint, not content
+        except FileExistsError:
+            return False
+        self._set_metadata(dst, entry)
         return True
 
-    def _set_metadata(self, src: Path, dst: Path, info: os.stat_result) -> None:
-        uid, gid = (self.owner.uid, self.owner.gid) if self.owner else (info.st_uid, info.st_gid)
-        os.chown(dst, uid, gid, follow_symlinks=False)
-        if not stat.S_ISLNK(info.st_mode):  # after chown, which clears setuid and setgid
-            mode = stat.S_IMODE(info.st_mode)
+    def _copy_file(self, entry: CopyEntry, dst: str) -> bool:
+        """A regular file: a hard link to one copied before, else its bytes through descriptors."""
+        key = (entry.dev, entry.ino)
+        if entry.nlink > 1 and key in self.links:
+            try:
+                os.link(self.links[key], dst, follow_symlinks=False)
+            except FileExistsError:
+                return False
+            return True
+        parent, _, name = dst.rpartition("/")
+        try:
+            out = os.open(name, _NEW_FILE, 0o600, dir_fd=self._parent_fd(parent))
+            try:
+                self._fill(out, entry)
+            finally:
+                os.close(out)
+        except FileExistsError:
+            return False
+        except OSError as exc:  # through a descriptor: name the file in the image
+            raise OSError(exc.errno, exc.strerror, dst) from exc
+        self.links.setdefault(key, dst)
+        return True
+
+    def _fill(self, out: int, entry: CopyEntry) -> None:
+        source = open_source(entry)
+        try:
+            _copy_bytes(source, out, entry.size)
+            check_unchanged(source, entry)
+        finally:
+            os.close(source)
+        self._set_metadata(out, entry)
+
+    def _parent_fd(self, parent: str) -> int:
+        """A descriptor of the directory files are created in: a copy fills one directory at a time."""
+        if self.parent[0] != parent:
+            self.close()
+            self.parent = (parent, os.open(parent, _DIR))
+        return self.parent[1]
+
+    def _set_metadata(self, target: str | int, entry: CopyEntry) -> None:
+        """Owner, mode, xattrs and (but for directories) times, through a path or a descriptor."""
+        by_path = isinstance(target, str)  # a path is never followed; a descriptor is the file
+        uid, gid = (self.owner.uid, self.owner.gid) if self.owner else (entry.uid, entry.gid)
+        os.chown(target, uid, gid, follow_symlinks=not by_path)
+        if not stat.S_ISLNK(entry.mode):  # after chown, which clears setuid and setgid
+            mode = stat.S_IMODE(entry.mode)
             if self.chmod is not None:
-                mode = self.chmod.apply(info.st_mode, is_dir=stat.S_ISDIR(info.st_mode))
-            os.chmod(dst, mode)
-        _copy_xattrs(src, dst)
+                mode = self.chmod.apply(entry.mode, is_dir=stat.S_ISDIR(entry.mode))
+            os.chmod(target, mode)
+        _set_xattrs(target, entry.xattrs, follow=not by_path)
+        if not stat.S_ISDIR(entry.mode):  # finish() sets a directory's, once it is filled
+            os.utime(target, ns=(entry.atime_ns, entry.mtime_ns), follow_symlinks=not by_path)
 
     def finish(self) -> None:
         """Directory times last, deepest first: writing into a directory changes its mtime."""
-        for path, info in reversed(self.dir_times):
-            os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns), follow_symlinks=False)
+        for path, entry in reversed(self.dir_times):
+            os.utime(path, ns=(entry.atime_ns, entry.mtime_ns), follow_symlinks=False)
+
+    def close(self) -> None:
+        if self.parent[1] >= 0:
+            os.close(self.parent[1])
+        self.parent = ("", -1)
 
 
-def _copy_file(src: Path, dst: Path) -> None:
-    with open(os.open(src, _READ), "rb") as reader, open(os.open(dst, _NEW_FILE, 0o600), "wb") as writer:
-        size = os.fstat(reader.fileno()).st_size
-        offset = 0
-        while offset < size:  # in the kernel; a short count means the file shrank meanwhile
-            sent = os.sendfile(writer.fileno(), reader.fileno(), offset, min(_CHUNK * 64, size - offset))
-            if sent == 0:
-                break
-            offset += sent
+def _copy_bytes(source: int, out: int, size: int) -> None:
+    offset = 0
+    while offset < size:  # in the kernel; a short count means the file shrank meanwhile
+        sent = os.sendfile(out, source, offset, min(_CHUNK * 64, size - offset))
+        if sent == 0:
+            break
+        offset += sent
 
 
-def travelling_xattrs(path: Path) -> list[tuple[str, bytes]]:
+def travelling_xattrs(path: str | Path) -> tuple[tuple[str, bytes], ...]:
     """The extended attributes a copy carries: capabilities and user.*, not the host's labels."""
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.ENODATA):
-            return []
+            return ()
         raise ContextError(f"cannot read the attributes of {path}: {exc.strerror}.") from exc
     found = []
     for name in sorted(names):
@@ -325,13 +475,13 @@ def travelling_xattrs(path: Path) -> list[tuple[str, bytes]]:
         except OSError as exc:
             if exc.errno != errno.ENODATA:
                 raise ContextError(f"cannot read the attributes of {path}: {exc.strerror}.") from exc
-    return found
+    return tuple(found)
 
 
-def _copy_xattrs(src: Path, dst: Path) -> None:
+def _set_xattrs(target: str | int, xattrs: tuple[tuple[str, bytes], ...], *, follow: bool) -> None:
     try:
-        for name, value in travelling_xattrs(src):
-            os.setxattr(dst, name, value, follow_symlinks=False)
+        for name, value in xattrs:
+            os.setxattr(target, name, value, follow_symlinks=follow)
     except OSError as exc:
         # Unsupported here, or user.* on a symlink: the kernel forbids it.
         if exc.errno not in (errno.ENOTSUP, errno.EPERM):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 from builder.dockerfile import (
@@ -411,6 +410,8 @@ def _duration(ins: Instruction, name: str, text: str) -> int:
     parts = re.findall(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)", text)
     if any(len(number.partition(".")[0]) > 20 for number, _ in parts):  # beyond int64 in any unit
         raise InvalidValue(f"--{name}={text[:40]} is out of range: the most is 2562047h.")
+    from fractions import Fraction  # only HEALTHCHECK durations need it (start-up time)
+
     total = sum((Fraction(number) * _UNITS[unit] for number, unit in parts), Fraction())
     if total >= 2**63:  # Go's time.Duration is an int64 of nanoseconds
         raise InvalidValue(f"--{name}={text[:40]} is out of range: the most is 2562047h.")

@@ -268,19 +268,37 @@ class PatternMatcher:
         """Whether a ``!`` pattern may re-include something below an excluded directory."""
         return any(p.exclusion for p in self.patterns)
 
-    def matches(self, path: str) -> bool:
-        """Whether ``path`` (slash-separated, relative) is matched: the last matching pattern wins."""
-        parents = path.split("/")[:-1]
+    def matches(self, path: str, parents: int | None = None) -> bool:
+        """Whether ``path`` (slash-separated, relative) is matched: the last matching pattern wins.
+
+        A pattern matches when it matches the path or one of its parent directories. A top-down
+        walk passes ``parents``, the :meth:`hits` of the parent directory, so that no parent is
+        matched again for each path below it.
+        """
+        if parents is None:
+            parents = self.parent_hits(path)
         matched = False
-        for pattern in self.patterns:
+        for index, pattern in enumerate(self.patterns):
             if pattern.exclusion != matched:
                 continue  # cannot change the outcome
-            hit = pattern.match(path) or any(
-                pattern.match("/".join(parents[: i + 1])) for i in range(len(parents))
-            )
-            if hit:
+            if parents >> index & 1 or pattern.match(path):
                 matched = not pattern.exclusion
         return matched
+
+    def hits(self, path: str, parents: int = 0) -> int:
+        """The patterns matching ``path`` or, as ``parents`` says, a parent of it: bit i for the i-th."""
+        for index, pattern in enumerate(self.patterns):
+            if pattern.match(path):
+                parents |= 1 << index
+        return parents
+
+    def parent_hits(self, path: str) -> int:
+        """:meth:`hits` of the parent directory of ``path``, found from the top (0 for a top path)."""
+        parts = path.split("/")
+        found = 0
+        for end in range(1, len(parts)):
+            found = self.hits("/".join(parts[:end]), found)
+        return found
 
     def may_include_below(self, directory: str) -> bool:
         """Whether some ``!`` pattern could re-include a path below the excluded ``directory``."""

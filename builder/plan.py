@@ -474,8 +474,8 @@ class _StageState:
         self.meta(cmd)
 
     def do_onbuild(self, cmd: OnbuildCommand) -> None:
+        # Config only: BuildKit writes no history entry for ONBUILD (the classic builder did).
         self.config["OnBuild"] = [*(self.config.get("OnBuild") or []), cmd.expression]
-        self.meta(cmd)
 
     def run_env(self) -> tuple[tuple[str, str], ...]:
         """What RUN sees: the stage's variables, and the proxies passed as build args."""

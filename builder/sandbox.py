@@ -1,17 +1,20 @@
 """Run one RUN step's command in a sandbox whose root is switched onto the step's overlay.
 
-Standard library only, and nothing imported from the builder package: the builder runs this file
-as a script (``python3 -I sandbox.py -`` with the spec as JSON on stdin), and a failed step can be
-replayed by hand with the command line that ``SandboxSpec.describe()`` prints.
+Standard library only, and nothing imported from the builder package: it runs as a script, and
+a failed step can be replayed by hand with the command line that ``SandboxSpec.describe()`` prints.
 
 Processes, as root::
 
-    builder ── run_sandboxed() ── script: new PID, UTS, IPC (and net) namespaces, host mount view
-                                    └── init: PID 1, own mount namespace, mounts, pivot_root, exec
+    request: new PID, UTS, IPC (and net) namespaces, host mount view (``run_request``)
+      └── init: PID 1, own mount namespace, mounts, pivot_root, exec
 
-Init makes every mount in a mount namespace of its own. The script keeps the host's view of the
-root, with nothing mounted on top, so once init is gone it can remove the mount-point stubs it
-created there (/proc, /etc/hosts, ...) and the step's layer does not show them.
+The builder runs each request in a child of its sandbox server (``builder.sandboxserver``); run
+as a one-shot script (a spec on stdin, in a file or as ``--json``) the same request code runs in
+the script's own process.
+
+Init makes every mount in a mount namespace of its own. The request process keeps the host's view
+of the root, with nothing mounted on top, so once init is gone it can remove the mount-point
+stubs it created there (/proc, /etc/hosts, ...) and the step's layer does not show them.
 
 Exit status: the command's own, 128+N when a signal killed it, 126/127 when it cannot be executed
 or found (as a shell does), and ``SETUP_FAILED`` (125) when the sandbox itself could not be set up.
@@ -25,21 +28,30 @@ import dataclasses
 import fcntl
 import json
 import os
-import platform
-import shlex
 import signal
 import socket
 import stat
 import struct
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
-from typing import IO, Any, NoReturn
+from typing import Any, NoReturn
 
-__all__ = ["SETUP_FAILED", "BindMount", "SandboxSpec", "main", "private_mount_namespace", "run_sandboxed"]
+__all__ = [
+    "SETUP_FAILED",
+    "STOP_SIGNALS",
+    "BindMount",
+    "SandboxSpec",
+    "SetupError",
+    "exit_status",
+    "main",
+    "private_mount_namespace",
+    "run_request",
+    "set_parent_death_signal",
+]
+
 
 SETUP_FAILED = 125  # like `docker run`: the sandbox failed, not the command
 _NOT_EXECUTABLE = 126
@@ -47,8 +59,7 @@ _NOT_FOUND = 127
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _NETWORKS = ("host", "none")
 _SCRIPT = os.path.abspath(__file__)
-_STOP_TIMEOUT = 10.0  # seconds the script gets to kill the command and clean up after SIGTERM
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each ends a sandbox after its cleanup
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
@@ -169,70 +180,37 @@ class SandboxSpec:
 
     def describe(self) -> str:
         """A shell command line that replays this step by hand (as root, root still mounted)."""
+        import shlex  # only a failed step needs it (start-up time of the server)
+
         return shlex.join([sys.executable or "python3", "-I", "-S", _SCRIPT, "--json", self.to_json()])
 
 
-def run_sandboxed(
-    spec: SandboxSpec,
-    *,
-    stdout: int | IO[Any] | None = None,
-    stderr: int | IO[Any] | None = None,
-    python: str = sys.executable,
-) -> int:
-    """Run spec in a subprocess (this file as a script) and return the exit status (128+signal
-    when killed). Kills the whole process tree and re-raises on any exception, including
-    KeyboardInterrupt.
-
-    ``-I`` keeps the builder package's own modules (the script's directory) off ``sys.path``.
-    A new session keeps a terminal's Ctrl-C away from the tree: the builder alone stops it.
-    """
-    proc = subprocess.Popen(
-        [python, "-I", "-S", _SCRIPT, "-"],
-        stdin=subprocess.PIPE,
-        stdout=stdout,
-        stderr=stderr,
-        start_new_session=True,
-    )
-    try:
-        proc.communicate(spec.to_json().encode())
-    except BaseException:
-        _stop(proc)
-        raise
-    return _exit_code(proc.returncode)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM lets the script kill its PID namespace and remove its stubs; SIGKILL if it hangs."""
-    try:
-        if proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=_STOP_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 def main(argv: list[str]) -> int:
-    """The script: read the spec, set up the namespaces and the root, run the command."""
-    for signum in _STOP_SIGNALS:
+    """The script: read one spec (a file, ``-`` or ``--json SPEC``) and run it."""
+    return run_request(lambda: _read_spec(argv), os.getppid())
+
+
+def run_request(read_spec: Callable[[], SandboxSpec], parent: int) -> int:
+    """Read the spec and run it, as the script or as a server's child of ``parent``; return the
+    exit status. A stop signal kills the sandbox and unwinds through its cleanups; a setup failure
+    is one line on stderr and 125."""
+    for signum in STOP_SIGNALS:
         signal.signal(signum, _on_stop_signal)
     try:
-        spec = _read_spec(argv)
-        # If the builder dies, SIGTERM (not SIGKILL) so this process still cleans up.
-        _prctl_pdeathsig(signal.SIGTERM)
-        return _run(spec)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        # If the parent dies, SIGTERM (not SIGKILL) so this process still cleans up.
+        set_parent_death_signal(signal.SIGTERM)
+        if os.getppid() != parent:  # it died before the signal was asked for
+            return 128 + signal.SIGTERM
+        return _run(read_spec())
     except _Interrupted as e:
         return 128 + e.signum
-    except (_SetupError, ValueError) as e:
+    except (SetupError, ValueError) as e:
         print(f"sandbox: {e}", file=sys.stderr, flush=True)
         return SETUP_FAILED
 
 
-class _SetupError(Exception):
+class SetupError(Exception):
     """The sandbox could not be set up, or argv[0] not found or run (with a shell's status)."""
 
     def __init__(self, message: str, status: int = SETUP_FAILED) -> None:
@@ -269,18 +247,18 @@ def _read_spec(argv: list[str]) -> SandboxSpec:
             with open(argv[0], encoding="utf-8") as f:
                 return SandboxSpec.from_json(f.read())
         except OSError as e:
-            raise _SetupError(f"cannot read the spec {argv[0]}: {e.strerror}.") from None
-    raise _SetupError("usage: sandbox.py SPEC_FILE | - | --json SPEC.")
+            raise SetupError(f"cannot read the spec {argv[0]}: {e.strerror}.") from None
+    raise SetupError("usage: sandbox.py SPEC_FILE | - | --json SPEC.")
 
 
 def _run(spec: SandboxSpec) -> int:
     """Prepare what init needs from the host's view, unshare, fork init; always remove the stubs."""
     if os.geteuid() != 0:
-        raise _SetupError("the sandbox needs root; rootless builds are not supported yet.")
+        raise SetupError("the sandbox needs root; rootless builds are not supported yet.")
     if not os.path.isdir(spec.root):
-        raise _SetupError(f"the root {spec.root} is not a directory.")
+        raise SetupError(f"the root {spec.root} is not a directory.")
     if os.path.realpath(spec.root) == "/":
-        raise _SetupError("the root must not be the host's own root directory.")
+        raise SetupError("the root must not be the host's own root directory.")
     os.umask(0o022)
     stubs = _Stubs(spec.root)
     with tempfile.TemporaryDirectory(prefix="builder-sandbox-") as tmp:
@@ -297,7 +275,7 @@ def _run(spec: SandboxSpec) -> int:
                 _loopback_up()
             return _fork_init(spec, points, etc_files)
         except OSError as e:
-            raise _SetupError(f"cannot prepare {e.filename or 'the sandbox'}: {e.strerror}.") from e
+            raise SetupError(f"cannot prepare {e.filename or 'the sandbox'}: {e.strerror}.") from e
         finally:
             stubs.remove()
 
@@ -308,13 +286,13 @@ def _fork_init(spec: SandboxSpec, points: _MountPoints, etc_files: dict[str, str
     sys.stdout.flush()
     sys.stderr.flush()
     # Blocked until the pidfd is known, so a stop signal cannot slip between fork and pidfd.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     pid = os.fork()
     if pid == 0:
         _init(spec, points, etc_files)
     try:
         _init_pidfd = os.pidfd_open(pid)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         _, status = os.waitpid(pid, 0)
     except BaseException:
         os.kill(pid, signal.SIGKILL)
@@ -322,16 +300,16 @@ def _fork_init(spec: SandboxSpec, points: _MountPoints, etc_files: dict[str, str
         raise
     finally:
         # Cleanup runs next and must not be cut short: a second stop signal is ignored.
-        for signum in _STOP_SIGNALS:
+        for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         if _init_pidfd is not None:
             os.close(_init_pidfd)
             _init_pidfd = None
-    return _exit_code(os.waitstatus_to_exitcode(status))
+    return exit_status(os.waitstatus_to_exitcode(status))
 
 
-def _exit_code(code: int) -> int:
+def exit_status(code: int) -> int:
     """subprocess and waitstatus give -N for a signal; a shell says 128+N."""
     return 128 - code if code < 0 else code
 
@@ -341,13 +319,13 @@ def _init(spec: SandboxSpec, points: _MountPoints, etc_files: dict[str, str]) ->
     status = SETUP_FAILED
     try:
         # Dispositions the script set must not reach the command: SIG_IGN survives exec.
-        for signum in (*_STOP_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
+        for signum in (*STOP_SIGNALS, signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(signum, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-        _prctl_pdeathsig(signal.SIGKILL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        set_parent_death_signal(signal.SIGKILL)
         _enter_root(spec, points, etc_files)
         _exec_command(spec)
-    except _SetupError as e:
+    except SetupError as e:
         status = e.status
         print(f"sandbox: {e}", file=sys.stderr, flush=True)
     except OSError as e:
@@ -366,7 +344,7 @@ def private_mount_namespace() -> None:
     try:
         _libc_check(_libc.unshare(CLONE_NEWNS), "cannot create a mount namespace")
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
-    except _SetupError as e:
+    except SetupError as e:
         raise OSError(str(e)) from None
 
 
@@ -413,9 +391,10 @@ def _mount_dev(dev: str) -> None:
 
 def _pivot_root(root: str) -> None:
     """Switch root the runc way: no bare chroot (escapable by root) and no stub directory."""
-    number = _SYS_PIVOT_ROOT.get(platform.machine())
+    machine = os.uname().machine
+    number = _SYS_PIVOT_ROOT.get(machine)
     if number is None:
-        raise _SetupError(f"pivot_root is not known on {platform.machine()}.")
+        raise SetupError(f"pivot_root is not known on {machine}.")
     os.chdir(root)
     # With both arguments ".", the old root ends up stacked on the new one, at ".".
     _libc_check(_libc.syscall(ctypes.c_long(number), b".", b"."), f"cannot pivot_root to {root}")
@@ -435,7 +414,7 @@ def _exec_command(spec: SandboxSpec) -> NoReturn:
     try:
         os.chdir(spec.cwd)
     except OSError as e:
-        raise _SetupError(f"cannot enter the working directory {spec.cwd}: {e.strerror}.") from e
+        raise SetupError(f"cannot enter the working directory {spec.cwd}: {e.strerror}.") from e
     _exec(spec.argv, dict(spec.env))
 
 
@@ -471,9 +450,9 @@ def _exec(argv: tuple[str, ...], env: dict[str, str]) -> NoReturn:
         except OSError as e:  # EACCES, ENOEXEC, ...: keep looking, as execvp does
             unrunnable = unrunnable or e
     if unrunnable is not None:
-        raise _SetupError(f"{name}: cannot execute: {unrunnable.strerror}.", _NOT_EXECUTABLE)
+        raise SetupError(f"{name}: cannot execute: {unrunnable.strerror}.", _NOT_EXECUTABLE)
     where = "" if "/" in name else f" in PATH {search}"
-    raise _SetupError(f"{name}: command not found{where}.", _NOT_FOUND)
+    raise SetupError(f"{name}: command not found{where}.", _NOT_FOUND)
 
 
 @dataclass(frozen=True)
@@ -500,7 +479,7 @@ def _ensure_mount_point(path: str, *, directory: bool) -> None:
 def _make_mount_points(spec: SandboxSpec, stubs: _Stubs) -> _MountPoints:
     for bind in spec.binds:
         if not os.path.exists(bind.source):
-            raise _SetupError(f"the bind source {bind.source} does not exist.")
+            raise SetupError(f"the bind source {bind.source} does not exist.")
     return _MountPoints(
         proc=stubs.ensure("/proc", directory=True),
         dev=stubs.ensure("/dev", directory=True),
@@ -540,7 +519,7 @@ class _Stubs:
                 continue
             if is_dir != want_dir:
                 kind = "a directory" if want_dir else "a file"
-                raise _SetupError(f"{path} in the root must be {kind} to mount on it.")
+                raise SetupError(f"{path} in the root must be {kind} to mount on it.")
         return host
 
     def _create(self, parent: str, path: str, *, directory: bool) -> None:
@@ -595,7 +574,7 @@ def _resolve_in_root(root: str, path: str) -> str:
         except FileNotFoundError:
             is_link = False
         except NotADirectoryError:
-            raise _SetupError(
+            raise SetupError(
                 f"cannot resolve {path} in the root: /{'/'.join(done)} is not a directory."
             ) from None
         if not is_link:
@@ -603,7 +582,7 @@ def _resolve_in_root(root: str, path: str) -> str:
             continue
         hops += 1
         if hops > 40:
-            raise _SetupError(f"cannot resolve {path} in the root: too many symbolic links.")
+            raise SetupError(f"cannot resolve {path} in the root: too many symbolic links.")
         target = os.readlink(current)
         if target.startswith("/"):
             done = []
@@ -618,7 +597,7 @@ def _make_cwd(root: str, cwd: str) -> None:
         try:
             os.makedirs(host, mode=0o755)
         except FileExistsError:
-            raise _SetupError(f"the working directory {cwd} is not a directory.") from None
+            raise SetupError(f"the working directory {cwd} is not a directory.") from None
 
 
 def _write_etc_files(spec: SandboxSpec, tmp: str) -> dict[str, str]:
@@ -646,7 +625,7 @@ def _loopback_up() -> None:
             flags = struct.unpack("16sH22x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
             fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
     except OSError as e:
-        raise _SetupError(f"cannot bring the loopback interface up: {e.strerror}.") from e
+        raise SetupError(f"cannot bring the loopback interface up: {e.strerror}.") from e
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
@@ -667,13 +646,13 @@ def _remount(target: str, flags: int) -> None:
     _mount(None, target, None, MS_BIND | MS_REMOUNT | flags | kept)
 
 
-def _prctl_pdeathsig(signum: int) -> None:
+def set_parent_death_signal(signum: int) -> None:
     _libc_check(_libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0), "cannot set the parent-death signal")
 
 
 def _libc_check(result: int, what: str) -> None:
     if result != 0:
-        raise _SetupError(f"{what}: {os.strerror(ctypes.get_errno())}.")
+        raise SetupError(f"{what}: {os.strerror(ctypes.get_errno())}.")
 
 
 def _c(text: str | None) -> bytes | None:

@@ -15,15 +15,24 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from builder.buildcontext import BuildContext, Source, entry_digest, filtered_walk, match_root
+from builder.buildcontext import BuildContext, Source, digest_entry, filtered_walk, match_root
 from builder.errors import BuilderError, ContextError
 from builder.fetch import GitSource, fetch_git, fetch_url, is_url, parse_git_source, url_filename
-from builder.fscopy import CopySource, Walker, copy_sources, make_dirs, parse_chmod
+from builder.fscopy import (
+    CopyEntry,
+    CopySource,
+    Walker,
+    check_unchanged,
+    copy_sources,
+    describe,
+    make_dirs,
+    parse_chmod,
+)
 from builder.layer import apply_layer, open_layer
 from builder.patterns import BadPatternError, PatternMatcher, clean, has_wildcards
 from builder.plan import CopyStep
@@ -84,10 +93,11 @@ def source_digests(
         if item.digest is not None:
             digests[item.key] = item.digest
             continue
-        digests[item.key] = entry_digest(item.key, item.source.path, owners=origin is not None)
-        for rel, path in item.source.children():
-            name = f"{item.key}/{rel}" if item.key else rel
-            digests[name] = entry_digest(name, path, owners=origin is not None)
+        top = item.source.top or describe(str(item.source.path))
+        digests[item.key] = digest_entry(item.key, top, owners=origin is not None)
+        for entry in item.source.children():
+            name = f"{item.key}/{entry.rel}" if item.key else entry.rel
+            digests[name] = digest_entry(name, entry, owners=origin is not None)
     return digests
 
 
@@ -128,7 +138,8 @@ def _local_items(
         parents: tuple[tuple[str, Path], ...] = ()
         if step.parents:
             parents = _parents(origin or context.root, match, pivot, confine=origin is None)
-        source = CopySource(match.path, match.name, _children(match, context, origin, exclude), parents)
+        top = context.describe(match) if origin is None else None
+        source = CopySource(match.path, match.name, _children(match, context, origin, exclude), parents, top)
         unpack = step.add and step.unpack is not False and origin is None and _is_archive(match.path)
         items.append(_Item(source, match.given, unpack=unpack))
     return items
@@ -140,7 +151,7 @@ def _children(
     if not is_real_dir(match.path):
         return _no_children
     if origin is None:
-        return partial(context.walk, match, exclude)
+        return partial(context.entries, match, exclude)
     return partial(filtered_walk, match.path, [(exclude, "")] if exclude else [])
 
 
@@ -229,6 +240,8 @@ def _unpack(source: CopySource, root: Path, dest: str, owner: Identity | None) -
     try:
         with source.path.open("rb") as file:
             apply_layer(open_layer(file), target, overlay_whiteouts=False)
+            if source.top is not None:  # the archive the cache key hashed, not a later one
+                check_unchanged(file.fileno(), source.top)
     except BuilderError as exc:
         detail = str(exc)
         raise ContextError(
@@ -238,5 +251,5 @@ def _unpack(source: CopySource, root: Path, dest: str, owner: Identity | None) -
         raise ContextError(f"ADD could not read {source.name}: {exc.strerror}.") from exc
 
 
-def _no_children() -> Iterator[tuple[str, Path]]:
-    return iter(())
+def _no_children() -> Iterable[CopyEntry]:
+    return ()

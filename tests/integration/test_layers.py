@@ -4,7 +4,7 @@ File-system changes made by RUN (whiteouts, opaque directories, renames, metadat
 changes, links, odd file types and names), what must never be in a layer (the sandbox's mount
 stubs, files only copied up), the layer limit, and every COPY and ADD rule of the Dockerfile
 reference. The final trees are modelled from the layers as the OCI spec says a consumer applies
-them. No Docker engine is installed here, so there is no differential run against BuildKit.
+them. The differential run against BuildKit is tests/integration/test_docker_engine.py.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -140,23 +139,3 @@ def test_store_on_overlayfs_is_refused(tmp_path: Path, busybox_layout: Path) -> 
         result = in_namespace(overlay, *args, root=root)
         assert_clear_error(result, f"the store {root} is on an overlay file system", "--root")
     assert list(dirs["upper"].rglob("blobs/sha256/*")) == [], "a blob was stored on the overlay"
-
-
-def test_no_overlay_support_is_a_clear_error(tmp_path: Path, store: Path) -> None:
-    """A kernel without overlayfs: mount(8) fails the way it does there."""
-    real_mount = shutil.which("mount")
-    assert real_mount is not None
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "mount").write_text(
-        "#!/bin/sh\n"
-        'case " $* " in *" -t overlay "*)\n'
-        "  echo \"mount: $7: unknown filesystem type 'overlay'.\" >&2; exit 32;;\n"
-        "esac\n"
-        f'exec {real_mount} "$@"\n'
-    )
-    (fake / "mount").chmod(0o755)
-    env = {"PATH": f"{fake}:{os.environ['PATH']}"}
-    result = run_builder("build", str(context(tmp_path, RUN_STEP)), root=store, check=False, env=env)
-    assert_clear_error(result, "unknown filesystem type 'overlay'", "modprobe overlay")
-    assert_store_sound(store)

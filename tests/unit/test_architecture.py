@@ -80,6 +80,11 @@ def test_the_sandbox_imports_nothing_from_the_package() -> None:
     assert GRAPH["sandbox"] == set()
 
 
+def test_the_sandbox_server_imports_only_the_sandbox() -> None:
+    """Started from a thread, the server is a new Python that imports it: it must stay light."""
+    assert GRAPH["sandboxserver"] == {"sandbox"}
+
+
 def test_only_the_cli_prints() -> None:
     printers = [m for m in MODULES if m != "cli" and "print(" in (PACKAGE / f"{m}.py").read_text()]
     assert printers in ([], ["sandbox"]), f"modules other than cli print: {printers}"

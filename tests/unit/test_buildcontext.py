@@ -5,8 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from builder.buildcontext import BuildContext, IgnoreRules, entry_digest, match_root, split_wildcards
+from builder.buildcontext import (
+    BuildContext,
+    IgnoreRules,
+    digest_entry,
+    filtered_walk,
+    match_root,
+    split_wildcards,
+)
 from builder.errors import ContextError
+from builder.fscopy import CopySource, copy_sources, describe
 from builder.patterns import PatternMatcher
 
 
@@ -109,7 +117,7 @@ def test_an_ignored_directory_is_walked_only_for_what_an_exception_brings_back(t
     (tmp_path / ".dockerignore").write_text("*\n!**/*.go\n")
     context = BuildContext.load(tmp_path, None)
     (root,) = context.match(".")
-    assert [rel for rel, _ in context.walk(root)] == ["mixed", "mixed/x", "mixed/x/z.go", "top.go"]
+    assert [entry.rel for entry in context.entries(root)] == ["mixed", "mixed/x", "mixed/x/z.go", "top.go"]
     assert context.match("drop") == []
     assert [s.relpath for s in context.match("mixed")] == ["mixed"]
 
@@ -119,7 +127,7 @@ def test_walk_applies_exclude_patterns_relative_to_the_source(tmp_path: Path) ->
 
     context = BuildContext.load(tmp_path, None)
     (source,) = context.match("src")
-    walked = [rel for rel, _ in context.walk(source, PatternMatcher.compile(["**/*.txt"]))]
+    walked = [entry.rel for entry in context.entries(source, PatternMatcher.compile(["**/*.txt"]))]
     assert walked == ["b.md", "sub", "sub/d.md"]
 
 
@@ -129,19 +137,19 @@ def test_dockerfile_specific_ignore_file_wins(tmp_path: Path) -> None:
     assert [s.relpath for s in context.match("*")] == [".dockerignore", "a", "app.Dockerfile.dockerignore"]
 
 
-def test_entry_digest_depends_on_content_mode_and_xattrs_not_mtime(tmp_path: Path) -> None:
+def test_digest_entry_depends_on_content_mode_and_xattrs_not_mtime(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_text("1")
-    first = entry_digest("f", path)
+    first = digest_entry("f", describe(str(path)))
     os.utime(path, (1, 1))
-    assert entry_digest("f", path) == first
-    assert entry_digest("g", path) != first
+    assert digest_entry("f", describe(str(path))) == first
+    assert digest_entry("g", describe(str(path))) != first
     path.chmod(0o600)
-    second = entry_digest("f", path)
+    second = digest_entry("f", describe(str(path)))
     assert second != first
     os.setxattr(path, "user.flavour", b"salty")
-    assert entry_digest("f", path) != second
-    assert entry_digest("f", path, owners=True) != entry_digest("f", path)
+    assert digest_entry("f", describe(str(path))) != second
+    assert digest_entry("f", describe(str(path)), owners=True) != digest_entry("f", describe(str(path)))
 
 
 @pytest.mark.parametrize(
@@ -150,3 +158,73 @@ def test_entry_digest_depends_on_content_mode_and_xattrs_not_mtime(tmp_path: Pat
 )
 def test_split_wildcards_cuts_before_the_first_wildcard_component(path: str, split: tuple[str, str]) -> None:
     assert split_wildcards(path) == split
+
+
+TREE = ["a.log", "keep/x.go", "keep/y.txt", "node_modules/m/i.js", "node_modules/keep/k.js", "src/a/b/c.go"]
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        "*.log\nnode_modules",
+        "**/*.go\n!src/a",
+        "*\n!**/*.go\nsrc/a/b",
+        "node_modules\n!node_modules/keep\nnode_modules/keep/k.js",
+        "src\n!src/a\nsrc/a/b\n!src/a/b/c.go",
+    ],
+)
+def test_the_walk_keeps_what_matching_every_path_alone_keeps(tmp_path: Path, rules: str) -> None:
+    _tree(tmp_path, dict.fromkeys(TREE, ""))
+    ignore = IgnoreRules.parse(rules)
+    paths = {"/".join(p.split("/")[:end]) for p in TREE for end in range(1, p.count("/") + 2)}
+    kept = {p for p in paths if not ignore.ignored(p)}
+    below_kept = {"/".join(p.split("/")[:end]) for p in kept for end in range(1, p.count("/") + 1)}
+    walked = [entry.rel for entry in filtered_walk(tmp_path, [(ignore.matcher, "")])]
+    assert set(walked) == kept | below_kept
+    assert walked == sorted(walked, key=lambda rel: rel.split("/")), "a directory comes before its contents"
+
+
+def test_the_context_is_walked_once_per_build(tmp_path: Path) -> None:
+    _tree(tmp_path, {"src/a": "1", "src/b": "2"})
+    context = BuildContext.load(tmp_path, None)
+    (source,) = context.match("src")
+    first = context.entries(source)
+    (tmp_path / "src" / "late").write_text("3")  # the copy writes what the key described
+    assert context.entries(source) is first
+    assert [entry.rel for entry in first] == ["a", "b"]
+    assert context.describe(source) is context.describe(source)
+
+
+def test_a_file_edited_after_the_key_fails_the_copy(tmp_path: Path) -> None:
+    _tree(tmp_path, {"ctx/src/a": "keyed", "root/.keep": ""})
+    context = BuildContext.load(tmp_path / "ctx", None)
+    (source,) = context.match("src")
+    keyed = [digest_entry(entry.rel, entry) for entry in context.entries(source)]
+    (tmp_path / "ctx" / "src" / "a").write_text("edited")  # a different size: caught on any kernel
+    copy = CopySource(source.path, "src", lambda: context.entries(source), top=context.describe(source))
+    with pytest.raises(ContextError, match=r"src/a changed during the build"):
+        copy_sources([copy], tmp_path / "root", "/app/", owner=None, chmod=None)
+    assert keyed != [digest_entry("a", describe(str(tmp_path / "ctx" / "src" / "a")))], (
+        "the key had seen other bytes"
+    )
+
+
+def test_the_cache_key_recipe_does_not_move(tmp_path: Path) -> None:
+    """Pinned digests: a changed recipe would cost every user their cache (version it instead)."""
+    path = tmp_path / "f"
+    path.write_bytes(b"hello\n")
+    path.chmod(0o644)
+    os.setxattr(path, "user.k", b"v")
+    os.symlink("../target", tmp_path / "l")
+    (tmp_path / "sub").mkdir(mode=0o755)
+    (tmp_path / "sub").chmod(0o755)
+    assert (
+        digest_entry("a/f", describe(str(path)))
+        == "5ba0b60a9dbba0dce10501f412914005964c84837a94ecd947f6761f00030c6d"
+    )
+    assert digest_entry("a/l", describe(str(tmp_path / "l"))) == (
+        "4f858bf5b5d1ade156fac11193c4148dca8562fefa487b9e95a3ac212d9a237c"
+    )
+    assert digest_entry("sub", describe(str(tmp_path / "sub"))) == (
+        "8700299040f81595fb0d4f9d2a13b7434164daaf6b12719bf289100d48cb3216"
+    )

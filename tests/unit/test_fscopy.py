@@ -185,3 +185,27 @@ def test_a_file_replaces_a_symlink_in_its_way_but_enters_a_linked_directory(src:
     assert (root / "bin" / "busybox").read_text() == "the real binary"
     assert not (root / "bin" / "ping").is_symlink() and (root / "bin" / "ping").read_text() == "file"
     assert (root / "bin" / "file.txt").read_text() == "file"
+
+
+def test_setuid_survives_the_owner_change_and_a_file_in_the_way_is_replaced(src: Path, root: Path) -> None:
+    (src / "dir" / "a").chmod(0o4755)
+    (root / "d").mkdir()
+    (root / "d" / "a").write_text("old content, longer than the new")
+    (root / "d" / "a").chmod(0o600)
+    copy_sources([_source(src / "dir")], root, "/d", owner=Identity(7, 8), chmod=None)
+    info = (root / "d" / "a").lstat()
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (7, 8, 0o4755)
+    assert (root / "d" / "a").read_text() == "a"
+
+
+def _descriptors() -> list[str]:
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+def test_a_copy_leaves_no_descriptor_open_even_when_it_fails(src: Path, root: Path) -> None:
+    before = _descriptors()
+    copy_sources([_source(src / "dir")], root, "/ok", owner=None, chmod=None)
+    (root / "bad" / "sub" / "b").mkdir(parents=True)
+    with pytest.raises(ContextError, match="cannot replace the directory /bad/sub/b"):
+        copy_sources([_source(src / "dir")], root, "/bad", owner=None, chmod=None)
+    assert _descriptors() == before

@@ -162,3 +162,26 @@ def test_an_excluded_directory_is_entered_only_when_an_exception_may_reach_below
 )
 def test_clean_is_go_filepath_clean(path: str, cleaned: str) -> None:
     assert clean(path) == cleaned
+
+
+WITH_PARENTS = [
+    *[([pattern], path, matched) for pattern, path, matched in MOBY_MATCHES if "/" in path],
+    (["**", "!util/docker/web"], "util/docker/web/foo", False),
+    (["**", "!util/docker/web", "util/docker/web/foo"], "util/docker/web/foo/x", True),
+    (["docs", "!docs/README.md"], "docs/README.md/x", False),
+    (["a", "!a/b", "a/b/c"], "a/b/c/d", True),
+    (["a", "!a/b", "a/b/c"], "a/b/d", False),
+]
+
+
+@pytest.mark.parametrize(("patterns", "path", "matched"), WITH_PARENTS)
+def test_a_walk_matching_each_path_alone_agrees_with_matching_every_parent(
+    patterns: list[str], path: str, matched: bool
+) -> None:
+    matcher = PatternMatcher.compile(patterns)
+    parts = path.split("/")
+    parents = 0
+    for end in range(1, len(parts)):  # what a top-down walk carries from directory to directory
+        parents = matcher.hits("/".join(parts[:end]), parents)
+    assert matcher.matches(path, parents) is matched
+    assert matcher.matches(path) is matched

@@ -1,4 +1,5 @@
-"""The RUN sandbox: the spec as a value, then the real thing on a busybox root (needs root).
+"""The RUN sandbox: the spec as a value, then the real thing on a busybox root (needs root), run
+by the builder's sandbox server (forked from this process, or a new Python when it cannot be).
 
 Each root test runs on an overlay mount (lower: static busybox; upper: what a layer would hold),
 and checks afterwards that no mount, process or temp dir is left behind.
@@ -6,6 +7,7 @@ and checks afterwards that no mount, process or temp dir is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -24,8 +26,9 @@ from types import FrameType
 
 import pytest
 
-from builder import sandbox
-from builder.sandbox import SETUP_FAILED, BindMount, SandboxSpec, run_sandboxed
+from builder import sandbox, sandboxserver
+from builder.sandbox import SETUP_FAILED, BindMount, SandboxSpec
+from builder.sandboxserver import run_sandboxed
 
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ("sh", "ls", "cat", "id", "hostname", "mount", "ps", "ip", "env", "sleep", "touch", "true")
@@ -151,8 +154,10 @@ class Rootfs:
             status = run_sandboxed(spec, stdout=stdout, stderr=stderr)
         return Result(status, out.read_text(), err.read_text())
 
-    def processes(self, text: str = "") -> list[int]:
-        """This test's processes (by token) whose command line contains text; not zombies."""
+    def processes(self, text: str = "", *, server: bool = False) -> list[int]:
+        """This test's processes (by token: the commands, and a server started as a new Python
+        with its children) whose command line contains text; not zombies, and not the sandbox
+        server (which runs until the test ends) unless asked."""
         pids = []
         for entry in filter(str.isdigit, os.listdir("/proc")):
             try:
@@ -161,7 +166,8 @@ class Rootfs:
             except OSError:
                 continue
             ours = f"{TOKEN}={self.token}".encode() in environ and int(entry) != os.getpid()
-            if ours and cmdline and text.encode() in cmdline:
+            wanted = server or not _is_server(int(entry))
+            if ours and wanted and cmdline and text.encode() in cmdline:
                 pids.append(int(entry))
         return pids
 
@@ -169,29 +175,83 @@ class Rootfs:
         return sorted(str(p.relative_to(self.upper)) for p in self.upper.rglob("*"))
 
 
-@pytest.fixture
-def rootfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rootfs]:
-    paths = (tmp_path / name for name in ("lower", "upper", "merged", "tmp", "logs"))
-    fs = Rootfs(*paths, token=uuid.uuid4().hex)
-    for path in (fs.lower / "bin", fs.upper, tmp_path / "work", fs.merged, fs.tmp, fs.logs):
+def _is_server(pid: int) -> bool:
+    """A sandbox server, by its name (a forked one has the command line of its builder)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text() == "sandbox-server\n"
+    except OSError:
+        return False
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: state, ppid, pgrp, session, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def servers_of(parent: int) -> list[int]:
+    """The sandbox servers whose parent is ``parent``."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if _is_server(int(entry)) and int(_stat(int(entry))[1]) == parent:
+                found.append(int(entry))
+    return found
+
+
+def in_sessions(sessions: list[int]) -> list[int]:
+    """The processes of these sessions (a server starts one, and its requests stay in it), not
+    zombies: once the server is gone, whatever it left is reaped by init."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            state, _, _, session = _stat(int(entry))[:4]
+            if int(session) in sessions and state != "Z":
+                found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, or a zombie nobody reaps."""
+    return Path(f"/proc/{pid}").exists()
+
+
+@contextlib.contextmanager
+def mounted_rootfs(base: Path, token: str) -> Iterator[Rootfs]:
+    """A busybox root on an overlay mount below base, mounted as the builder mounts a step's."""
+    names = ("lower", "upper", "merged", "tmp", "logs")
+    fs = Rootfs(**{name: base / name for name in names}, token=token)
+    for path in (fs.lower / "bin", fs.upper, base / "work", fs.merged, fs.tmp, fs.logs):
         path.mkdir(parents=True)
     shutil.copy2(BUSYBOX, fs.lower / "bin/busybox")
     for applet in APPLETS:
         (fs.lower / "bin" / applet).symlink_to("busybox")
     (fs.lower / "lib").symlink_to("usr/lib")  # for the host's /usr, when a test binds it
     (fs.lower / "lib64").symlink_to("usr/lib64")
-    monkeypatch.setenv("TMPDIR", str(fs.tmp))
-    monkeypatch.setenv(TOKEN, fs.token)  # the script inherits it; commands get it from the spec
-    dirs = f"lowerdir={fs.lower},upperdir={fs.upper},workdir={tmp_path / 'work'}"
-    options = f"{dirs},index=off,redirect_dir=off,metacopy=off"  # as the builder mounts steps
+    dirs = f"lowerdir={fs.lower},upperdir={fs.upper},workdir={base / 'work'}"
+    options = f"{dirs},index=off,redirect_dir=off,metacopy=off"
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, fs.merged], check=True)
     try:
         yield fs
     finally:
         subprocess.run(["umount", fs.merged], check=True)
+
+
+@pytest.fixture
+def rootfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rootfs]:
+    """A root, and a sandbox server of the test's own (it inherits TMPDIR and the token)."""
+    with mounted_rootfs(tmp_path, uuid.uuid4().hex) as fs:
+        monkeypatch.setenv("TMPDIR", str(fs.tmp))
+        monkeypatch.setenv(TOKEN, fs.token)  # the server inherits it; commands get it from the spec
+        try:
+            yield fs
+        finally:
+            servers = servers_of(os.getpid())
+            sandboxserver.shutdown()
     assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text(), "a mount leaked"
-    assert list(fs.tmp.iterdir()) == [], "the script left its temp dir behind"
-    assert not fs.processes(), "a process was left behind"
+    assert list(fs.tmp.iterdir()) == [], "the sandbox left its temp dir behind"
+    assert not fs.processes(server=True), "a process was left behind"
+    assert not [pid for pid in servers if alive(pid)], "the server was left behind (or a zombie)"
+    assert not in_sessions(servers), "a process of the server was left behind"
 
 
 def _wait_for(condition: Callable[[], object], timeout: float = 15.0) -> None:
@@ -477,31 +537,37 @@ def test_a_caller_killed_outright_leaves_nothing_behind(rootfs: Rootfs) -> None:
     spec_file = rootfs.logs / "spec.json"
     spec_file.write_text(rootfs.spec("sh", "-c", "sleep 4246 & sleep 4247").to_json())
     code = (
-        "import sys; from builder import sandbox as s;"
-        " s.run_sandboxed(s.SandboxSpec.from_json(open(sys.argv[1]).read()))"
+        "import sys; from builder import sandbox, sandboxserver as s;"
+        " s.run_sandboxed(sandbox.SandboxSpec.from_json(open(sys.argv[1]).read()))"
     )
     caller = subprocess.Popen([sys.executable, "-c", code, spec_file], cwd=REPO)
     try:
         _wait_for(lambda: rootfs.processes("sleep 4246") and rootfs.processes("sleep 4247"))
+        (server,) = servers_of(caller.pid)
     finally:
         caller.kill()
         caller.wait()
-    # The script gets SIGTERM as its parent-death signal: it kills the tree, then cleans up.
-    _wait_for(lambda: not rootfs.processes())
+    # The server sees its control socket close (and gets SIGTERM as its parent-death signal): it
+    # stops its child, which kills the tree and cleans up; then the server ends, no orphan left.
+    _wait_for(lambda: not rootfs.processes(server=True) and not alive(server))
+    assert not in_sessions([server])
     assert rootfs.upper_entries() == []
 
 
 @needs_root
-def test_a_killed_script_takes_the_command_with_it(rootfs: Rootfs) -> None:
-    def kill_the_script() -> None:
+def test_a_killed_request_process_takes_the_command_with_it(rootfs: Rootfs) -> None:
+    def kill_the_request_process() -> None:
         _wait_for(lambda: rootfs.processes("sleep 4248"))
-        os.kill(rootfs.processes(sandbox.__file__)[0], signal.SIGKILL)
+        (command,) = rootfs.processes("sleep 4248")
+        request = int(_stat(command)[1])  # the server's child for this run, parent of init
+        assert _is_server(int(_stat(request)[1]))
+        os.kill(request, signal.SIGKILL)
 
-    join = _in_background(rootfs, kill_the_script)
+    join = _in_background(rootfs, kill_the_request_process)
     assert rootfs.run("sleep", "4248").status == 128 + signal.SIGKILL
     join()
     _wait_for(lambda: not rootfs.processes("sleep 4248"))
-    # SIGKILL gave the script no chance to clean up; the builder discards such a step anyway.
+    # SIGKILL gave it no chance to clean up; the builder discards such a step anyway.
     for leftover in rootfs.tmp.iterdir():
         shutil.rmtree(leftover)
 
@@ -511,3 +577,114 @@ def test_describe_replays_the_step(rootfs: Rootfs) -> None:
     spec = rootfs.spec("sh", "-c", 'echo "it\'s $X"; exit 3', env=(("X", "a 'b'"),))
     result = subprocess.run(spec.describe(), shell=True, capture_output=True, text=True)
     assert (result.returncode, result.stdout) == (3, "it's a 'b'\n")
+
+
+@needs_root
+def test_runs_from_several_threads_at_once(rootfs: Rootfs, tmp_path: Path) -> None:
+    """The first run waits for a file that only the second makes: run one after the other, the
+    first would give up after 10 s and exit 1."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    bind = (BindMount(str(shared), "/shared", readonly=False),)
+    wait = "for i in $(seq 200); do [ -e /shared/go ] && break; sleep 0.05; done"
+    results: dict[str, Result] = {}
+    with mounted_rootfs(tmp_path / "second", rootfs.token) as second:
+
+        def first() -> None:
+            script = f"{wait}; [ -e /shared/go ] || exit 1; echo first; echo oops >&2; exit 3"
+            results["first"] = rootfs.run("sh", "-c", script, binds=bind)
+
+        join = _in_background(rootfs, first)
+        _wait_for(lambda: rootfs.processes("sleep 0.05"))
+        results["second"] = second.run("sh", "-c", "echo second; touch /shared/go; exit 4", binds=bind)
+        join()
+    assert results == {"first": Result(3, "first\n", "oops\n"), "second": Result(4, "second\n", "")}
+    assert rootfs.upper_entries() == []
+
+
+@needs_root
+def test_stop_all_stops_a_run_in_another_thread_after_its_cleanup(rootfs: Rootfs) -> None:
+    seen: list[object] = []
+
+    def run() -> None:
+        with pytest.raises(KeyboardInterrupt):
+            rootfs.run("sh", "-c", "sleep 4249 & sleep 4250")
+        seen.extend((rootfs.processes(), rootfs.upper_entries()))  # as the call raised
+
+    join = _in_background(rootfs, run)
+    _wait_for(lambda: rootfs.processes("sleep 4249") and rootfs.processes("sleep 4250"))
+    sandboxserver.stop_all()
+    join()
+    assert seen == [[], []]
+
+
+@needs_root
+def test_a_mount_made_after_the_server_started_is_seen_by_later_runs(rootfs: Rootfs) -> None:
+    """As the CLI does: a private mount namespace first, then the server (on the first run),
+    then more mounts (the next step's overlay) that later sandboxes must see."""
+    late = rootfs.merged / "late"
+    late.mkdir()
+    code = (
+        "import subprocess, sys; from builder import sandbox, sandboxserver as s\n"
+        "sandbox.private_mount_namespace()\n"
+        "assert s.run_sandboxed(sandbox.SandboxSpec.from_json(sys.argv[1])) == 0\n"
+        "subprocess.run(['mount', '-t', 'tmpfs', 'late', sys.argv[2]], check=True)\n"
+        "open(sys.argv[2] + '/file', 'w').write('mounted later\\n')\n"
+        "sys.exit(s.run_sandboxed(sandbox.SandboxSpec.from_json(sys.argv[3])))\n"
+    )
+    first, second = rootfs.spec("true"), rootfs.spec("cat", "/late/file")
+    args = [sys.executable, "-c", code, first.to_json(), str(late), second.to_json()]
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "mounted later\n", "")
+    assert str(late) not in Path("/proc/self/mountinfo").read_text()
+    assert list(late.iterdir()) == []
+
+
+@needs_root
+def test_the_server_outlives_the_thread_that_started_it(rootfs: Rootfs) -> None:
+    """PR_SET_PDEATHSIG fires when the thread that forked a process ends: a worker thread that
+    made the first run and finished must not take the server with it."""
+    first: list[int] = []
+    worker = threading.Thread(target=lambda: first.append(rootfs.run("true").status))
+    worker.start()
+    worker.join()
+    (server,) = servers_of(os.getpid())
+    assert b"sandboxserver" in Path(f"/proc/{server}/cmdline").read_bytes()  # not forked: a thread ran
+    time.sleep(0.2)  # a parent-death signal would have arrived by now
+    assert (first, rootfs.run("sh", "-c", "exit 5").status) == ([0], 5)
+    assert servers_of(os.getpid()) == [server]
+
+
+@needs_root
+def test_start_server_forks_it_from_the_main_thread(rootfs: Rootfs) -> None:
+    assert os.listdir("/proc/self/task") == [str(os.getpid())], "the test runner has a thread"
+    sandboxserver.start_server()
+    _wait_for(lambda: servers_of(os.getpid()))  # named once it runs
+    (server,) = servers_of(os.getpid())
+    assert Path(f"/proc/{server}/cmdline").read_bytes() == Path("/proc/self/cmdline").read_bytes()
+    assert _stat(server)[3] == str(server)  # a session of its own: Ctrl-C is for the builder
+    sandboxserver.start_server()  # one server per process
+    assert rootfs.run("sh", "-c", "exit 6").status == 6
+    assert servers_of(os.getpid()) == [server]
+
+
+FORKED = """
+import atexit, os, sys
+from builder import sandboxserver
+read, write = os.pipe()
+sys.stdout.write("buffered, ")  # to a pipe: flushed at exit, by this process only
+atexit.register(lambda: sys.stdout.write("at exit"))
+sandboxserver.start_server()
+os.close(write)
+assert os.read(read, 1) == b"", "the server holds a descriptor of the builder"
+sandboxserver.shutdown()
+"""
+
+
+def test_a_forked_server_keeps_nothing_of_the_builder() -> None:
+    """No descriptor (a pipe's reader would wait for the server), no buffer flushed twice, no
+    atexit handler run twice; and reaped by shutdown."""
+    result = subprocess.run(
+        [sys.executable, "-c", FORKED], cwd=REPO, capture_output=True, text=True, timeout=30
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "buffered, at exit", "")
