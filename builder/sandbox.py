@@ -410,6 +410,8 @@ def _exec_command(spec: SandboxSpec) -> NoReturn:
     os.setgroups(list(spec.groups))
     os.setgid(spec.gid)
     os.setuid(spec.uid)
+    # A change of user or group clears the parent-death signal: ask for it again.
+    set_parent_death_signal(signal.SIGKILL)
     os.umask(0o022)
     try:
         os.chdir(spec.cwd)

@@ -441,33 +441,34 @@ class _Children:
                 os.close(fd)
             return True
         sock = socket.socket(fileno=fds[0])
+        # Held back from the fork until the child is registered: a stop signal must find it among
+        # the children to stop (the child unblocks them once its own handlers are in).
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            pid = self._fork(sock, fds[1], fds[2])
-        except OSError as e:
-            os.write(fds[2], f"sandbox: cannot fork the sandbox: {e.strerror}.\n".encode())
-            with sock, contextlib.suppress(OSError):
-                sock.sendall(struct.pack("!i", SETUP_FAILED))
-            return True
+            try:
+                pid = self._fork(sock, fds[1], fds[2])
+            except OSError as e:
+                os.write(fds[2], f"sandbox: cannot fork the sandbox: {e.strerror}.\n".encode())
+                with sock, contextlib.suppress(OSError):
+                    sock.sendall(struct.pack("!i", SETUP_FAILED))
+                return True
+            finally:
+                os.close(fds[1])
+                os.close(fds[2])
+            child = _Child(pid, os.pidfd_open(pid), sock)
+            self._by_fd[child.pidfd] = self._by_fd[sock.fileno()] = child
+            self._poll.register(child.pidfd, select.POLLIN)
+            self._poll.register(sock, select.POLLRDHUP)
         finally:
-            os.close(fds[1])
-            os.close(fds[2])
-        child = _Child(pid, os.pidfd_open(pid), sock)
-        self._by_fd[child.pidfd] = self._by_fd[sock.fileno()] = child
-        self._poll.register(child.pidfd, select.POLLIN)
-        self._poll.register(sock, select.POLLRDHUP)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return True
 
     def _fork(self, sock: socket.socket, stdout: int, stderr: int) -> int:
         inherited = [self._control.fileno(), *self._by_fd]
         server = os.getpid()
-        # Blocked until the child has its own handlers: a stop signal must reach those.
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            pid = os.fork()
-            if pid == 0:
-                _request_child(sock, stdout, stderr, inherited, server)
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        pid = os.fork()
+        if pid == 0:
+            _request_child(sock, stdout, stderr, inherited, server)
         return pid
 
     def _hang_up(self, child: _Child) -> None:

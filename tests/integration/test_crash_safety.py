@@ -52,8 +52,17 @@ def step_processes(token: str) -> list[str]:
         except (OSError, ValueError):
             continue
         if token in cmdline and "pytest" not in cmdline:
-            found.append(cmdline)
+            found.append(f"{cmdline} ({_state(entry)})")
     return found
+
+
+def _state(process: Path) -> str:
+    """State, parent and PID namespace ids of a process, for the failure message."""
+    try:
+        status = (process / "status").read_text().splitlines()
+    except OSError:
+        return "gone"
+    return ", ".join(line for line in status if line.split(":")[0] in ("State", "PPid", "NSpid"))
 
 
 def build_command(context: Path, *args: str) -> list[str]:

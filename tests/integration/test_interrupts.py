@@ -15,12 +15,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_builder
+from tests.integration.conftest import processes
 
 pytestmark = pytest.mark.integration
 
@@ -34,19 +35,6 @@ def stubborn_step(token: str) -> str:
         "FROM busybox:latest\n"
         f"RUN trap '' TERM INT HUP; {sleeps} & ({sleeps} &); echo \"step-$((6 * 7))\" >&2; {sleeps}; wait\n"
     )
-
-
-def processes(token: str) -> list[str]:
-    """The processes of a step: those whose command line holds the token."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-        except (OSError, ValueError):
-            continue
-        if token in cmdline:
-            found.append(f"{entry.name}: {cmdline}")
-    return found
 
 
 class Build:
@@ -90,15 +78,6 @@ class Build:
         assert self.proc.stderr is not None
         self.proc.stderr.close()
         return code
-
-
-@pytest.fixture
-def token() -> Iterator[str]:
-    """A sleep duration no other process uses; whatever still sleeps it is killed at the end."""
-    value = f"{random.randrange(10**5, 10**6)}.{random.randrange(10**3)}"
-    yield value
-    for line in processes(value):
-        os.kill(int(line.split(":")[0]), signal.SIGKILL)
 
 
 def context(tmp_path: Path, dockerfile: str, name: str = "context") -> Path:

@@ -4,17 +4,16 @@ the same clean ending when one fails or the build is interrupted."""
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_builder
-from tests.integration.test_interrupts import Build, context, processes, temp_entries
+from tests.integration.conftest import processes
+from tests.integration.test_interrupts import Build, context, temp_entries
 
 pytestmark = pytest.mark.integration
 
@@ -37,15 +36,6 @@ THREE = stages(
 
 def image(stdout: str) -> str:
     return stdout.strip().splitlines()[-1]
-
-
-@pytest.fixture
-def token() -> Iterator[str]:
-    """A sleep duration no other process uses; whatever still sleeps it is killed at the end."""
-    value = f"{random.randrange(10**5, 10**6)}.{random.randrange(10**3)}"
-    yield value
-    for line in processes(value):
-        os.kill(int(line.split(":")[0]), signal.SIGKILL)
 
 
 def test_independent_stages_run_at_once(tmp_path: Path, store: Path) -> None:

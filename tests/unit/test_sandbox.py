@@ -555,7 +555,8 @@ def test_a_caller_killed_outright_leaves_nothing_behind(rootfs: Rootfs) -> None:
 
 
 @needs_root
-def test_a_killed_request_process_takes_the_command_with_it(rootfs: Rootfs) -> None:
+@pytest.mark.parametrize("uid", [0, 1000])  # a change of user clears the parent-death signal
+def test_a_killed_request_process_takes_the_command_with_it(rootfs: Rootfs, uid: int) -> None:
     def kill_the_request_process() -> None:
         _wait_for(lambda: rootfs.processes("sleep 4248"))
         (command,) = rootfs.processes("sleep 4248")
@@ -564,7 +565,7 @@ def test_a_killed_request_process_takes_the_command_with_it(rootfs: Rootfs) -> N
         os.kill(request, signal.SIGKILL)
 
     join = _in_background(rootfs, kill_the_request_process)
-    assert rootfs.run("sleep", "4248").status == 128 + signal.SIGKILL
+    assert rootfs.run("sleep", "4248", uid=uid, gid=uid).status == 128 + signal.SIGKILL
     join()
     _wait_for(lambda: not rootfs.processes("sleep 4248"))
     # SIGKILL gave it no chance to clean up; the builder discards such a step anyway.
