@@ -35,7 +35,7 @@ MARKS: dict[str, float] = {}
 # (module, attribute path, phase): what each phase means is in bench/README.md. Hooks go in when
 # their module is first imported, so that the probe imports nothing the command would not.
 HOOKS: tuple[tuple[str, str, str], ...] = (
-    ("builder.executor", "run_sandboxed", "run"),
+    ("builder.sandboxserver", "run_sandboxed", "run"),
     ("builder.executor", "run_copy", "copy"),
     ("builder.executor", "write_layer", "layer"),
     ("builder.executor", "StageExecutor._commit", "commit"),

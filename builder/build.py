@@ -30,9 +30,8 @@ from builder.oci import (
     new_image_config,
     parse_reference,
 )
-from builder.plan import Plan, RunStep, make_plan
+from builder.plan import Plan, make_plan
 from builder.registry import RegistryOptions
-from builder.sandboxserver import start_server
 from builder.snapshot import Snapshotter
 from builder.stagegraph import run_stages
 from builder.stages import base_images, platform_args
@@ -180,8 +179,6 @@ def _build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
     plan, images = plan_build(request, store, log)
     for warning in plan.warnings:
         log(f"warning: {warning}")
-    if any(isinstance(step, RunStep) for index in plan.order for step in plan.stages[index].steps):
-        start_server()  # forked while this is the builder's only thread: 1 ms instead of 55
     context = BuildContext.load(request.context, request.dockerfile_path)
     snapshots = Snapshotter(store)
     scratch = ImageState(new_image_config(host_arch()))

@@ -34,8 +34,6 @@ from builder.fscopy import make_dirs
 from builder.layer import COMPRESSION_ANNOTATION, Compression, write_layer
 from builder.oci import canonical_json, format_time
 from builder.plan import ConfigStep, CopyStep, RunStep, Stage, Step, WorkdirStep
-from builder.sandbox import SandboxSpec
-from builder.sandboxserver import run_sandboxed
 from builder.snapshot import Mounted, Snapshotter
 from builder.store import Store
 from builder.transfer import run_copy, source_digests
@@ -147,6 +145,7 @@ class StageExecutor:
         self.executed = 0  # steps that ran (not served from the cache)
         self.keys: dict[str, Json] = {}  # "stage/step" → CacheKey.to_json(), for the next explanation
         self.stage_keys: dict[int, list[str]] = {}  # the cache keys each stage used, for --cache-to
+        self.needs_sandbox = False  # whether the stage being run has RUN steps
 
     def for_stage(self, index: int) -> StageExecutor:
         """An executor for stage ``index``: the same collaborators, stop flag, claims and log,
@@ -179,6 +178,7 @@ class StageExecutor:
         skip_cache = self.settings.no_cache or stage.name in ignored or str(stage.index) in ignored
         created = self._base_time(base)
         total = len(stage.steps)
+        self.needs_sandbox = any(isinstance(step, RunStep) for step in stage.steps)
         for number, step in enumerate(stage.steps, 1):
             self.control.check()
             tag = f"[{stage.name or f'stage-{stage.index}'} {number}/{total}]"
@@ -227,6 +227,10 @@ class StageExecutor:
             previous = self.settings.previous_keys.get(slot)
             why = "--no-cache" if skip_cache else explain_miss(key, previous)
             self.control.log(f"{label}  (not cached: {why})")
+            if self.needs_sandbox:  # started at the first miss, before a commit starts threads
+                from builder.sandboxserver import start_server  # a cached build never needs it
+
+                start_server()  # forked while this is the only thread: about 1 ms instead of 55
             started = time.monotonic()
             record = self._execute(step, state, sources)
             self.store.put_cache(key.digest, record)
@@ -395,7 +399,9 @@ class StageExecutor:
         return StepFailed(f"{self.settings.dockerfile}:{step.line}: {message}")
 
     def _run(self, step: RunStep, mounted: Mounted, sources: Mapping[int | str, ImageState]) -> None:
-        from builder.runmounts import run_mounts  # only a RUN that misses needs it (start-up time)
+        from builder.runmounts import run_mounts  # only a RUN that misses needs these (start-up time)
+        from builder.sandbox import SandboxSpec
+        from builder.sandboxserver import run_sandboxed
 
         def open_origin(stage: int | None, image: str | None) -> AbstractContextManager[Path]:
             origin = sources[stage if stage is not None else str(image)]

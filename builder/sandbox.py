@@ -25,13 +25,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import fcntl
 import json
 import os
 import signal
-import socket
 import stat
-import struct
 import sys
 import tempfile
 from collections.abc import Callable
@@ -621,6 +618,10 @@ def _write_etc_files(spec: SandboxSpec, tmp: str) -> dict[str, str]:
 
 def _loopback_up() -> None:
     """ifconfig lo up: struct ifreq is a 16-byte name, then the flags (a short), 40 bytes in all."""
+    import fcntl  # only network=none needs these (start-up time of every builder command)
+    import socket
+    import struct
+
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             request = struct.pack("16sH22x", b"lo", 0)
