@@ -228,6 +228,10 @@ _init_pidfd: int | None = None  # set while init runs, so a stop signal can kill
 
 def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
     if _init_pidfd is None:
+        # The unwinding this starts removes the stubs and the temp dir: a second stop signal (the
+        # server hangs up and then stops, two SIGTERMs) must not cut that cleanup short.
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, signal.SIG_IGN)
         raise _Interrupted(signum)
     # Killing PID 1 makes the kernel kill everything else in the PID namespace.
     with contextlib.suppress(ProcessLookupError):
