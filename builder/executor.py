@@ -29,7 +29,7 @@ from typing import Any
 from builder.buildcontext import BuildContext, digest_entry
 from builder.cachekey import CacheKey, base_key, explain_miss, step_key
 from builder.digest import sha256_digest
-from builder.errors import BuilderError, ContextError, StepFailed
+from builder.errors import BuilderError, ContextError, SandboxError, StepFailed
 from builder.fscopy import make_dirs
 from builder.layer import COMPRESSION_ANNOTATION, Compression, write_layer
 from builder.oci import canonical_json, format_time
@@ -230,7 +230,10 @@ class StageExecutor:
             if self.needs_sandbox:  # started at the first miss, before a commit starts threads
                 from builder.sandboxserver import start_server  # a cached build never needs it
 
-                start_server()  # forked while this is the only thread: about 1 ms instead of 55
+                try:
+                    start_server()  # forked while this is the only thread: about 1 ms instead of 55
+                except OSError as exc:
+                    raise self._fail(step, _sandbox_failure(exc)) from exc
             started = time.monotonic()
             record = self._execute(step, state, sources)
             self.store.put_cache(key.digest, record)
@@ -429,7 +432,10 @@ class StageExecutor:
                     binds=binds,
                 )
                 sys.stdout.flush()
-                status = run_sandboxed(spec, stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno())
+                try:
+                    status = run_sandboxed(spec, stdout=sys.stderr.fileno(), stderr=sys.stderr.fileno())
+                except OSError as exc:  # no sandbox server could be started (fork or exec failed)
+                    raise SandboxError(_sandbox_failure(exc)) from exc
         except BuilderError as exc:
             raise self._fail(step, str(exc)) from exc
         if status != 0:
@@ -468,3 +474,7 @@ class StageExecutor:
             make_dirs(mounted.merged, step.path, _ROOT)
         except (OSError, ContextError) as exc:
             raise self._fail(step, f"WORKDIR {step.path} cannot be created: {exc}") from exc
+
+
+def _sandbox_failure(exc: OSError) -> str:
+    return f"the sandbox could not be started: {exc.strerror or exc}."

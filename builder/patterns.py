@@ -263,11 +263,6 @@ class PatternMatcher:
             patterns.append(_Pattern(text, exclusion, kind, regex))
         return cls(tuple(patterns))
 
-    @property
-    def exclusions(self) -> bool:
-        """Whether a ``!`` pattern may re-include something below an excluded directory."""
-        return any(p.exclusion for p in self.patterns)
-
     def matches(self, path: str, parents: int | None = None) -> bool:
         """Whether ``path`` (slash-separated, relative) is matched: the last matching pattern wins.
 
