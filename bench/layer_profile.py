@@ -4,6 +4,7 @@
     python3 bench/layer_profile.py                      # 1 GiB in 20,000 files, every mode
     python3 bench/layer_profile.py --files 2000 --modes gzip --profile /tmp/layer.prof
     python3 bench/layer_profile.py --rev HEAD           # builder as committed at HEAD
+    python3 bench/layer_profile.py --files 10 --size 100 --calls 300 --modes gzip   # a small layer
 
 The tree is the big-layer workload's (half random, half random over 16 letters), written
 straight into a directory that plays the upper dir over no lower (no overlay, no RUN, no
@@ -17,13 +18,16 @@ root needed). Each mode adds one piece to the last, so their differences say wha
   blob and writes it, so that no compressor thread competes for this process's GIL. The bytes
   are not builder's (one stream, no pinned blocks); only the time is of interest.
 
-CPU is this process's user + system time, all threads included.
+CPU is this process's user + system time, all threads included. With ``--calls`` each
+compressing mode instead writes the layer into memory that many times (no file, no fsync) and
+the best per-call time is shown: what committing a step's few files costs beyond the walk.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import io
 import os
 import resource
 import shutil
@@ -31,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 from typing import Any
 
@@ -134,17 +139,32 @@ def run_mode(mode: str, tree: Path, out_dir: Path) -> tuple[float, float, int]:
     return time.perf_counter() - started, _cpu() + _cpu_children() - cpu, size
 
 
+def time_calls(mode: str, tree: Path, calls: int) -> float:
+    """The best of five rounds of ``calls`` write_layer calls into memory: seconds per call."""
+    from builder import layer  # imported late: the source tree is chosen at run time
+
+    compression = layer.COMPRESSIONS[mode]
+
+    def call() -> None:
+        layer.write_layer(tree, [], io.BytesIO(), compression=compression)
+
+    return min(timeit.repeat(call, number=calls, repeat=5)) / calls
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--files", type=int, default=20000)
     parser.add_argument("--size", type=int, default=53688, help="bytes per file")
     parser.add_argument("--modes", default="walk,sha256,uncompressed,gzip,zstd")
     parser.add_argument("--repeat", type=int, default=1, help="runs per mode (the best is shown)")
+    parser.add_argument("--calls", type=int, help="time this many calls into memory per mode (small layers)")
     parser.add_argument("--profile", type=Path, help="write a cProfile of the last mode to this file")
     parser.add_argument("--rev", help="measure builder as committed at REV (default: the working tree)")
     parser.add_argument("--source", type=Path, help="measure the builder package in this tree instead")
     parser.add_argument("--dir", type=Path, default=Path("/tmp"), help="where the tree goes")
     args = parser.parse_args()
+    if args.calls and not set(args.modes.split(",")) <= {"uncompressed", "gzip", "zstd"}:
+        parser.error("--calls times write_layer alone: give --modes from uncompressed, gzip, zstd")
     work = Path(tempfile.mkdtemp(prefix="builder-layer-", dir=args.dir))
     try:
         if args.source is not None:
@@ -156,6 +176,11 @@ def main() -> int:
         print(f"builder {revision}: {args.files:,} files, {total / MIB:,.0f} MiB", flush=True)
         make_tree(work / "upper", args.files, args.size)
         modes = args.modes.split(",")
+        if args.calls:
+            for mode in modes:
+                per_call = time_calls(mode, work / "upper", args.calls)
+                print(f"{mode:<14}{per_call * 1e3:9.3f} ms a call", flush=True)
+            return 0
         print(f"{'mode':<14}{'wall s':>9}{'CPU s':>9}{'MiB/s':>9}{'out MiB':>10}")
         for mode in modes:
             best: tuple[float, float, int] | None = None

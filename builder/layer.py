@@ -11,11 +11,9 @@ after its directory so that no applier meets it after siblings it must not hide.
 
 from __future__ import annotations
 
-import bz2
 import errno
 import hashlib
 import io
-import lzma
 import os
 import stat
 import tarfile
@@ -57,6 +55,8 @@ COMPRESSION_ANNOTATION = "dev.builder.layer.compression"
 # Both compressors cut their input into blocks, and the bytes out depend on where the cuts fall.
 # Pinning the block and feeding whole blocks makes the output a function of the tar alone.
 _BLOCK = 1 << 20
+# The tar block's first size: the whole tar of most layers, and below malloc's mmap threshold.
+_FIRST_BLOCK = 1 << 16
 _CHUNK = 1 << 20
 _BLOCKSIZE = tarfile.BLOCKSIZE
 _ZEROS = bytes(_BLOCKSIZE)
@@ -98,12 +98,9 @@ class Compression:
         level and the block size it is fed (the thread count does not change the bytes).
         """
         if self.name == "gzip":
-            return f"gzip;encoder=isa-l;level={_level(self, level, GZIP_DEFAULT_LEVEL, 3)};block={_BLOCK}"
+            return f"gzip;encoder=isa-l;level={_codec_level(self, level)};block={_BLOCK}"
         if self.name == "zstd":
-            import zstandard  # see the note on the codecs
-
-            top = zstandard.MAX_COMPRESSION_LEVEL
-            return f"zstd;encoder=zstd-mt;level={_level(self, level, ZSTD_DEFAULT_LEVEL, top)};block={_BLOCK}"
+            return f"zstd;encoder=zstd-mt;level={_codec_level(self, level)};block={_BLOCK}"
         return self.name
 
 
@@ -277,28 +274,30 @@ def _same_content(a: bytes, b: bytes) -> bool:
 
 
 class _TarStream:
-    """The tar as it is written, gathered into one fixed block that goes to ``sink`` when full.
+    """The tar as it is written, gathered into one block that goes to ``sink`` when full.
 
     Each byte is copied once: headers into the block, file data straight from the kernel
     (``readv`` into the block's free part). The sink gets whole ``_BLOCK``-sized pieces (the
     last one shorter), whatever sizes the writer used, because the compressors' output depends
-    on where the cuts fall.
+    on where the cuts fall. The block starts small and doubles when full up to ``_BLOCK`` (a
+    copy of the first MiB at most): most layers are a few KiB, and a fresh 1 MiB block cost
+    about 0.2 ms a layer in a build, zeroed page by page.
     """
 
     def __init__(self, sink: _Sink) -> None:
         self._sink = sink
-        self._block = memoryview(bytearray(_BLOCK))
+        self._block = memoryview(bytearray(_FIRST_BLOCK))
         self._fill = 0
 
     def write(self, data: bytes) -> None:
         end = self._fill + len(data)
-        if end < _BLOCK:  # the common case: a header or padding that fits
+        if end < len(self._block):  # the common case: a header or padding that fits
             self._block[self._fill : end] = data
             self._fill = end
             return
         view = memoryview(data)
         while view:
-            n = min(len(view), _BLOCK - self._fill)
+            n = min(len(view), self._room())
             self._block[self._fill : self._fill + n] = view[:n]
             self._advance(n)
             view = view[n:]
@@ -307,12 +306,21 @@ class _TarStream:
         """Read up to ``size`` bytes of ``fd`` into the block; returns how many it had."""
         left = size
         while left:
-            n = os.readv(fd, [self._block[self._fill : self._fill + min(left, _BLOCK - self._fill)]])
+            room = self._room()  # before the slice: it may replace the block
+            n = os.readv(fd, [self._block[self._fill : self._fill + min(left, room)]])
             if not n:
                 break
             self._advance(n)
             left -= n
         return size - left
+
+    def _room(self) -> int:
+        """The free bytes in the block, doubled first if it is full (a full ``_BLOCK`` has gone on)."""
+        if self._fill == len(self._block):
+            grown = memoryview(bytearray(2 * self._fill))
+            grown[: self._fill] = self._block
+            self._block = grown
+        return len(self._block) - self._fill
 
     def _advance(self, n: int) -> None:
         self._fill += n
@@ -582,7 +590,18 @@ def _level(compression: Compression, level: int | None, default: int, top: int) 
     return level
 
 
-def _open_codec(dest: HashingWriter, compression: Compression, level: int | None) -> _Codec:
+def _codec_level(compression: Compression, level: int | None) -> int:
+    """The level to compress at (the codec's default for None); a LayerError if there is none."""
+    if compression.name == "gzip":
+        return _level(compression, level, GZIP_DEFAULT_LEVEL, 3)
+    if compression.name == "zstd":
+        import zstandard  # see the note on the codecs
+
+        return _level(compression, level, ZSTD_DEFAULT_LEVEL, zstandard.MAX_COMPRESSION_LEVEL)
+    raise LayerError(f"Compression {compression.name!r} is not one of {', '.join(COMPRESSIONS)}.")
+
+
+def _open_codec(dest: HashingWriter, compression: Compression, level: int) -> _Codec:
     if compression.name == "gzip":
         from isal import igzip_threaded  # see the note on the codecs
 
@@ -590,55 +609,92 @@ def _open_codec(dest: HashingWriter, compression: Compression, level: int | None
         # igzip_threaded writes a gzip header with mtime 0 and no file name, and deflates each
         # block with the previous 32 KiB as dictionary: the bytes are the same for any thread
         # count, as long as the block size is pinned.
-        return _IsalBlocks(
-            gzip_open(
-                dest,
-                "wb",
-                compresslevel=_level(compression, level, GZIP_DEFAULT_LEVEL, 3),
-                threads=_threads(),
-                block_size=_BLOCK,
-            )
-        )
-    if compression.name == "zstd":
-        # threads >= 1 selects zstd's multi-threaded encoder, whose output does not depend on
-        # the number of workers; threads=0 would be the single-threaded encoder, other bytes.
-        # It copies what it is given into its own job buffers, so it may read our block.
-        import zstandard  # see the note on the codecs
+        return _IsalBlocks(gzip_open(dest, "wb", compresslevel=level, threads=_threads(), block_size=_BLOCK))
+    # threads >= 1 selects zstd's multi-threaded encoder, whose output does not depend on the
+    # number of workers; threads=0 would be the single-threaded encoder, other bytes. It
+    # copies what it is given into its own job buffers, so it may read our block.
+    import zstandard  # see the note on the codecs
 
-        lvl = _level(compression, level, ZSTD_DEFAULT_LEVEL, zstandard.MAX_COMPRESSION_LEVEL)
-        cctx = zstandard.ZstdCompressor(level=lvl, threads=_threads())
-        return cast(_Codec, cctx.stream_writer(cast(BinaryIO, dest), closefd=False))
-    raise LayerError(f"Compression {compression.name!r} is not one of {', '.join(COMPRESSIONS)}.")
+    cctx = zstandard.ZstdCompressor(level=level, threads=_threads())
+    return cast(_Codec, cctx.stream_writer(cast(BinaryIO, dest), closefd=False))
+
+
+# igzip_threaded's stream: a header (magic, deflate, no flags, mtime 0, then what it means as
+# OS "unknown" and XFL, 4 at level 0, in the other order than RFC 1952's), each block deflated
+# alone by isal_zlib._ParallelCompress with a sync flush, the empty final block (what
+# isal_zlib.compress(b"", wbits=-15) makes: a fixed-Huffman block of only the end code, a
+# constant here as each such call allocates a level buffer), then the CRC and size of the whole
+# (little-endian).
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\xff"
+_GZIP_LAST_BLOCK = b"\x03\x00"
+
+
+def _gzip_block(block: bytes, dest: HashingWriter, level: int) -> None:
+    """Write what igzip_threaded makes of a tar of at most one block, without its threads.
+
+    Made in this thread from the primitive its workers call (isal's own, if private): the same
+    bytes (the unit tests compare them), without starting three threads a layer (about 1 ms).
+    """
+    from isal import isal_zlib  # see the note on the codecs
+
+    dest.write(_GZIP_HEADER + (b"\x04" if level == 0 else b"\x00"))
+    crc = 0
+    if block:  # igzip_threaded deflates the blocks it is given, and no empty one
+        # Room for deflate's worst case (15 bits a byte); the bytes do not depend on it.
+        deflater = isal_zlib._ParallelCompress(buffersize=2 * len(block) + 500, level=level)
+        # The first block has no dictionary (igzip_threaded passes it an empty one).
+        body, crc = deflater.compress_and_crc(block, b"")
+        dest.write(body)
+    dest.write(_GZIP_LAST_BLOCK + crc.to_bytes(4, "little") + len(block).to_bytes(4, "little"))
 
 
 class _Encoder:
     """Turns the tar, piece by piece, into the blob in ``dest``, hashing both on the way.
 
-    For ``uncompressed`` the blob is the tar, written as it comes and hashed once. An interrupt
-    waits for each call into the compressor to return: igzip_threaded holds a lock meanwhile,
-    and a KeyboardInterrupt raised inside would leave it held, so that closing the compressor
-    (on the way out, or as Python exits) would wait for it forever.
+    For ``uncompressed`` the blob is the tar, written as it comes and hashed once. For gzip
+    the first piece waits: a tar that is one piece (most steps change a few files) is deflated
+    at the end in this thread, and only a second piece starts igzip_threaded. zstd has no such
+    path: its single-threaded encoder makes other bytes, and a compressor kept with its threads
+    would leave the process multi-threaded, which stops ``sandboxserver`` from forking.
+
+    An interrupt waits for each call into the compressor to return: igzip_threaded holds a lock
+    meanwhile, and a KeyboardInterrupt raised inside would leave it held, so that closing the
+    compressor (on the way out, or as Python exits) would wait for it forever.
     """
 
     def __init__(self, dest: BinaryIO, compression: Compression, level: int | None) -> None:
-        self._media_type = compression.media_type
+        self._compression = compression
         self._dest = dest
         self._tar = hashlib.sha256()
         self._tar_size = 0
         self._blob = HashingWriter(dest)
+        self._compressed = compression.name != "uncompressed"
+        self._level = _codec_level(compression, level) if self._compressed else 0
+        self._first: bytes | None = None  # gzip's first piece, until a second one comes
         self._codec: _Codec | None = None
-        if compression.name != "uncompressed":
-            # The compressor's threads inherit this mask: a stop signal must never be taken by
-            # one of them, which would raise it in the main thread while it holds signals back.
-            with deferred_signals():
-                self._codec = _open_codec(self._blob, compression, level)
+        if compression.name == "zstd":
+            self._codec = self._open()
+
+    def _open(self) -> _Codec:
+        # The compressor's threads inherit this mask: a stop signal must never be taken by one
+        # of them, which would raise it in the main thread while it holds signals back.
+        with deferred_signals():
+            return _open_codec(self._blob, self._compression, self._level)
 
     def write(self, piece: memoryview) -> None:
         self._tar.update(piece)
         self._tar_size += len(piece)
-        if self._codec is None:
+        if not self._compressed:
             self._dest.write(piece)
             return
+        if self._codec is None:
+            if self._first is None:
+                self._first = bytes(piece)  # the view is valid only during this call
+                return
+            self._codec = self._open()
+            with deferred_signals():
+                self._codec.write(self._first)
+            self._first = None
         with deferred_signals():
             self._codec.write(piece)
 
@@ -646,16 +702,19 @@ class _Encoder:
         if self._codec is not None:
             with deferred_signals():
                 self._codec.close()
+        elif self._compressed:
+            _gzip_block(self._first or b"", self._blob, self._level)
 
     def abort(self) -> None:
-        with suppress(Exception):  # stop the compressor's threads; the blob is garbage
-            self.close()
+        if self._codec is not None:  # stop the compressor's threads; the blob is garbage
+            with suppress(Exception), deferred_signals():
+                self._codec.close()
 
     def result(self) -> LayerBlob:
         diff_id = "sha256:" + self._tar.hexdigest()
-        if self._codec is None:
-            return LayerBlob(diff_id, diff_id, self._tar_size, self._media_type)
-        return LayerBlob(diff_id, self._blob.digest, self._blob.size, self._media_type)
+        if not self._compressed:
+            return LayerBlob(diff_id, diff_id, self._tar_size, self._compression.media_type)
+        return LayerBlob(diff_id, self._blob.digest, self._blob.size, self._compression.media_type)
 
 
 @contextmanager
@@ -761,8 +820,12 @@ def open_layer(fileobj: BinaryIO) -> BinaryIO:
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
         decoder = cast(BinaryIO, reader)
     elif kind == "bzip2":
+        import bz2  # only for archives made elsewhere
+
         decoder = cast(BinaryIO, bz2.BZ2File(raw))
     else:
+        import lzma  # only for archives made elsewhere
+
         decoder = cast(BinaryIO, lzma.LZMAFile(raw))  # noqa: SIM115 - the caller owns the stream
     return cast(BinaryIO, io.BufferedReader(_Reader(decoder.read, kind=kind), _CHUNK))
 

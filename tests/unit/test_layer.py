@@ -20,10 +20,12 @@ import struct
 import subprocess
 import tarfile
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -557,6 +559,120 @@ def test_layer_digests_are_those_of_the_previous_writer(scratch: Path, name: str
     assert clamped is not None and clamped.diff_id == GOLDEN_EPOCH_DIFF_ID
 
 
+# -- small layers: deflated in this thread, to the bytes igzip_threaded makes ------------------
+
+
+BLOCK = layer._BLOCK
+TEXT = bytes(b"abcd \n"[i % 6] for i in range(256))  # a translate table to compressible bytes
+
+
+def step_upper(base: Path) -> Path:
+    """An upper dir as a typical step leaves it: ten small files and a symlink (a 12.5 KiB tar)."""
+    upper = base / "step"
+    (upper / "app/work").mkdir(parents=True)
+    for i in range(1, 11):
+        write(upper / f"app/work/file{i}.txt", f"line {i}\n".encode(), T0 + i)
+    os.symlink("/app/bin/main.sh", upper / "app/main")
+    os.utime(upper / "app/main", (T0, T0), follow_symlinks=False)
+    for rel in ("app/work", "app"):
+        os.utime(upper / rel, (T0 + 20, T0 + 20))
+    return upper
+
+
+def one_file_upper(base: Path, tar_size: int) -> Path:
+    """An upper dir of one text file whose tar is ``tar_size`` bytes (header, data, end: 512-aligned)."""
+    upper = base / f"tar-{tar_size}"
+    upper.mkdir()
+    write(upper / "f", random.Random(tar_size).randbytes(tar_size - 3 * 512).translate(TEXT), T0)
+    return upper
+
+
+# Made by the writer before a one-block tar was deflated in the calling thread (commit 3ff1318),
+# by level. A tar of exactly one block is one piece, a full one; one 512 bytes longer is two.
+GOLDEN_SMALL_GZIP = {
+    "step": {
+        1: ("sha256:e828e392bc13507e546feb272bb0798a1b6045e5566b409f29e99b740e14ed34", 386),
+        0: ("sha256:a0f4a2c34360ca9d14a32d5e5c6f26914ebf9b601702fd5e991bdd86aac219d5", 592),
+    },
+    "tar-1536": {
+        1: ("sha256:6b84ed9846499b4403b937c116fd523b69eabeb5d0a16c3ba6546c4d5d3fc74f", 92),
+        0: ("sha256:9d09087265783b529330b0aba4364699123afdd71ebd5f80e302eadb231dc4f4", 205),
+    },
+    "tar-1048576": {
+        1: ("sha256:2e85455b5670bf7e35f3c306466ae2044b846232402e5b58e4717187b06d4d19", 413213),
+        0: ("sha256:38403a229238f291b3ff390161079a6aa274a4a4ad56bf7c8d218834eb353de5", 467822),
+    },
+    "tar-1049088": {
+        1: ("sha256:aaa013e04233e209f390ecfb66c4caaf9f3a3925e89fc2b7907820852cef9886", 413412),
+        0: ("sha256:4d9bd5b59679af09cb41afff737bcf1b57ac4552a30ceecc83ab2e3107a31b44", 468059),
+    },
+}
+
+
+def small_upper(base: Path, name: str) -> Path:
+    return step_upper(base) if name == "step" else one_file_upper(base, int(name.removeprefix("tar-")))
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_SMALL_GZIP))
+def test_small_gzip_layers_keep_their_digests(scratch: Path, name: str) -> None:
+    upper = small_upper(scratch, name)
+    for level, expected in GOLDEN_SMALL_GZIP[name].items():
+        out = io.BytesIO()
+        blob = write_layer(upper, [], out, compression=GZIP, level=level)
+        assert blob is not None
+        assert (blob.digest, blob.size) == expected
+        assert (hashlib_digest(out.getvalue()), len(out.getvalue())) == expected
+
+
+def igzip_threaded_bytes(data: bytes, level: int) -> bytes:
+    """What igzip_threaded makes of ``data`` cut into the writer's blocks: the reference."""
+    from isal import igzip_threaded
+
+    gzip_open = cast("Callable[..., io.BufferedWriter]", igzip_threaded.open)  # isal has no types
+    out = io.BytesIO()
+    writer = gzip_open(out, "wb", compresslevel=level, threads=2, block_size=BLOCK)
+    if data:  # the writer hands on no empty piece
+        writer.raw.write(data)  # which cuts it into blocks of block_size
+    writer.close()
+    return out.getvalue()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    size=st.integers(0, 4096) | st.integers(BLOCK - 1024, BLOCK + 1024) | st.integers(0, 2 * BLOCK + 1024),
+    seed=st.integers(0, 2**32 - 1),
+    text=st.booleans(),
+    level=st.integers(0, 3),
+)
+def test_gzip_blob_is_what_igzip_threaded_makes(size: int, seed: int, text: bool, level: int) -> None:
+    """A tar of one block is deflated in this thread, a longer one by igzip_threaded: both are
+    byte for byte what igzip_threaded makes, for any content, length and level."""
+    data = random.Random(seed).randbytes(size)
+    if text:
+        data = data.translate(TEXT)
+    out = io.BytesIO()
+    blob = compress_stream(io.BytesIO(data), out, compression=GZIP, level=level)
+    assert out.getvalue() == igzip_threaded_bytes(data, level)
+    assert (blob.digest, blob.size) == (hashlib_digest(out.getvalue()), len(out.getvalue()))
+    assert blob.diff_id == hashlib_digest(data)
+
+
+def test_one_block_gzip_layer_starts_no_thread(scratch: Path) -> None:
+    started: list[str] = []
+
+    def note(frame: object, event: str, arg: object) -> None:  # runs first in each new thread
+        started.append(threading.current_thread().name)
+
+    threading.settrace(note)
+    try:
+        assert write_layer(small_upper(scratch, "tar-1048576"), [], io.BytesIO(), compression=GZIP)
+        assert started == []
+        assert write_layer(small_upper(scratch, "tar-1049088"), [], io.BytesIO(), compression=GZIP)
+        assert started, "the control: two blocks start igzip_threaded's threads"
+    finally:
+        threading.settrace(None)
+
+
 def tarfile_header(h: layer._Header) -> bytes:
     """The header as the writer made it before the fast path: a TarInfo in PAX format."""
     name = h.name.removesuffix(b"/") if h.kind == tarfile.DIRTYPE else h.name  # tarfile adds it
@@ -678,9 +794,14 @@ def test_common_entries_take_the_fast_path() -> None:
 
 
 def test_tar_is_the_same_whatever_the_read_sizes(scratch: Path) -> None:
-    """Pieces that straddle the block edge come out whole: the sink only sees full blocks."""
+    """Pieces that straddle the block edge come out whole: the sink only sees full blocks.
+
+    Pieces come as bytes (headers) and read from a file (contents), while the block grows
+    from its first size to a full one and after each full block handed on.
+    """
     upper = mixed_upper(scratch)
     tar = diff_bytes(upper, [])
+    (scratch / "tar").write_bytes(tar)
     seen: list[int] = []
     out = io.BytesIO()
 
@@ -691,10 +812,18 @@ def test_tar_is_the_same_whatever_the_read_sizes(scratch: Path) -> None:
     stream = layer._TarStream(sink)
     rng = random.Random(7)
     at = 0
-    while at < len(tar):
-        n = rng.choice([1, 511, 512, 4096, 2**20 - 1, 2**20, 3 * 2**20])
-        stream.write(tar[at : at + n])
-        at += n
+    fd = os.open(scratch / "tar", os.O_RDONLY)
+    try:
+        while at < len(tar):
+            n = rng.choice([1, 511, 512, 4096, 2**16 - 1, 2**16, 2**16 + 1, 2**20 - 1, 2**20, 3 * 2**20])
+            if rng.random() < 0.5:
+                stream.write(tar[at : at + n])
+            else:
+                os.lseek(fd, at, os.SEEK_SET)
+                assert stream.fill_from(fd, n) == min(n, len(tar) - at)
+            at += n
+    finally:
+        os.close(fd)
     stream.flush()
     assert out.getvalue() == tar
     assert set(seen[:-1]) == {2**20} and 0 < seen[-1] <= 2**20
