@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from builder.buildcontext import BuildContext
+from builder.buildcontext import BuildContext, FileSums
 from builder.digest import sha256_digest
 from builder.distribution import fetch_image
 from builder.dockerfile import parse_dockerfile
@@ -179,12 +179,19 @@ def _build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
     plan, images = plan_build(request, store, log)
     for warning in plan.warnings:
         log(f"warning: {warning}")
-    context = BuildContext.load(request.context, request.dockerfile_path)
+    sums_key = sha256_digest(canonical_json({"file-sums": str(request.context.resolve())}))
+    known = store.get_memo(sums_key)
+    sums = FileSums(known if isinstance(known, dict) else None)
+    context = BuildContext.load(request.context, request.dockerfile_path, sums)
     snapshots = Snapshotter(store)
     scratch = ImageState(new_image_config(host_arch()))
-    with store.workdir() as workdir:
-        executor = StageExecutor(store, snapshots, context, settings, workdir, log)
-        results = run_stages(plan, images, scratch, executor, jobs=_STAGE_JOBS)
+    try:
+        with store.workdir() as workdir:
+            executor = StageExecutor(store, snapshots, context, settings, workdir, log)
+            results = run_stages(plan, images, scratch, executor, jobs=_STAGE_JOBS)
+    finally:  # what was hashed is right whatever became of the build
+        if sums.changed:
+            store.put_memo(sums_key, sums.kept)
     if executor.keys != previous_keys:
         store.put_explanation(build_id, executor.keys)
     for spec in request.cache_to:

@@ -8,6 +8,8 @@ link target and bytes: never by mtime or by where the checkout lives.
 
 A build walks each source once: the entries its cache key describes are kept on the
 :class:`BuildContext` and are the ones the copy writes (a file's bytes are checked against them).
+A file's digest is remembered between builds by what its lstat says (:class:`FileSums`), so an
+unchanged context is not read again.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import hashlib
 import os
 import posixpath
 import stat
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from builder.errors import ContextError
 from builder.fscopy import CopyEntry, check_unchanged, describe, open_source
@@ -27,6 +31,7 @@ from builder.rootpath import RootEscapeError, is_real_dir, resolve_in_root
 
 __all__ = [
     "BuildContext",
+    "FileSums",
     "IgnoreRules",
     "Source",
     "digest_entry",
@@ -37,6 +42,9 @@ __all__ = [
 
 _CHUNK = 1 << 20
 _BOM = "\ufeff"
+# A file changed this shortly before the build started is hashed but not remembered: a second
+# write within the same clock tick would leave its lstat as it was (git's "racily clean" rule).
+_RACY_NS = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -204,17 +212,46 @@ def filtered_walk(top: Path, filters: Sequence[Filter] = ()) -> Iterator[CopyEnt
         yield found
 
 
+class FileSums:
+    """The sha256 of context files, remembered between builds by device, inode, size, mtime and
+    ctime, as BuildKit's content-hash cache does: a file whose lstat says the same is not read
+    again. Every write moves the ctime, which no program can set back."""
+
+    def __init__(self, known: Mapping[str, Any] | None = None, *, started_ns: int | None = None) -> None:
+        """``known``: what the last build kept; ``started_ns``: when this build started (now)."""
+        self._known = known or {}
+        self._since = (time.time_ns() if started_ns is None else started_ns) - _RACY_NS
+        self.kept: dict[str, list[Any]] = {}  # what this build hashed, for the next one
+
+    def sha256(self, entry: CopyEntry) -> str:
+        signature = [entry.dev, entry.ino, entry.size, entry.mtime_ns, entry.ctime_ns]
+        known = self._known.get(entry.path)
+        if isinstance(known, list) and known[:-1] == signature and isinstance(known[-1], str):
+            digest = known[-1]
+        else:
+            digest = _file_sha256(entry)
+        if max(entry.mtime_ns, entry.ctime_ns) < self._since:
+            self.kept[entry.path] = [*signature, digest]
+        return digest
+
+    @property
+    def changed(self) -> bool:
+        """Whether the next build should get :attr:`kept` (it differs from what this one got)."""
+        return self.kept != self._known
+
+
 class BuildContext:
     """A context directory with its ignore rules."""
 
-    def __init__(self, root: Path, ignore: IgnoreRules) -> None:
+    def __init__(self, root: Path, ignore: IgnoreRules, sums: FileSums | None = None) -> None:
         self.root = root
         self.ignore = ignore
+        self.sums = sums or FileSums()
         self._tops: dict[Path, CopyEntry] = {}
         self._walks: dict[tuple[Path, str, PatternMatcher | None], tuple[CopyEntry, ...]] = {}
 
     @classmethod
-    def load(cls, root: Path, dockerfile: Path | None) -> BuildContext:
+    def load(cls, root: Path, dockerfile: Path | None, sums: FileSums | None = None) -> BuildContext:
         """Read ``<Dockerfile>.dockerignore`` next to the Dockerfile, else ``.dockerignore``."""
         if not root.is_dir():
             raise ContextError(f"the build context {root} is not a directory.")
@@ -226,8 +263,8 @@ class BuildContext:
                     text = candidate.read_text(errors="surrogateescape")
                 except OSError as exc:
                     raise ContextError(f"cannot read {candidate}: {exc.strerror}.") from exc
-                return cls(root, IgnoreRules.parse(text, str(candidate)))
-        return cls(root, IgnoreRules.parse(""))
+                return cls(root, IgnoreRules.parse(text, str(candidate)), sums)
+        return cls(root, IgnoreRules.parse(""), sums)
 
     def match(self, pattern: str) -> list[Source]:
         """The context paths a COPY source names, leaving out what ``.dockerignore`` excludes.
@@ -275,14 +312,15 @@ def _entries(directory: str) -> list[os.DirEntry[str]]:
         raise ContextError(f"cannot read {directory}: {exc.strerror}.") from exc
 
 
-def digest_entry(name: str, entry: CopyEntry, *, owners: bool = False) -> str:
+def digest_entry(name: str, entry: CopyEntry, *, owners: bool = False, sums: FileSums | None = None) -> str:
     """What a copy of the entry depends on: name, type, mode, link target or bytes, device, the
-    xattrs that travel, and with ``owners`` its uid and gid (a context's owners do not count)."""
+    xattrs that travel, and with ``owners`` its uid and gid (a context's owners do not count).
+    A context file's bytes are looked up in its ``sums``."""
     fields = [name.encode("utf-8", "surrogateescape"), b"%o" % entry.mode]
     if stat.S_ISLNK(entry.mode):
         fields.append(os.fsencode(entry.link))
     elif stat.S_ISREG(entry.mode):
-        fields.append(_file_sha256(entry).encode())
+        fields.append((sums.sha256(entry) if sums is not None else _file_sha256(entry)).encode())
     elif stat.S_ISCHR(entry.mode) or stat.S_ISBLK(entry.mode):
         fields.append(b"%d" % entry.rdev)
     if owners:

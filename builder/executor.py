@@ -303,12 +303,13 @@ class StageExecutor:
                 continue
             found: dict[str, str] = {}
             try:
+                sums = self.context.sums
                 for source in self.context.match(mount.source or "."):
-                    found[source.relpath] = digest_entry(source.relpath, self.context.describe(source))
+                    top = self.context.describe(source)
+                    found[source.relpath] = digest_entry(source.relpath, top, sums=sums)
                     for entry in self.context.entries(source) if source.path.is_dir() else ():
-                        found[f"{source.relpath}/{entry.rel}"] = digest_entry(
-                            f"{source.relpath}/{entry.rel}", entry
-                        )
+                        name = f"{source.relpath}/{entry.rel}"
+                        found[name] = digest_entry(name, entry, sums=sums)
             except BuilderError as exc:
                 raise self._fail(step, str(exc)) from exc
             inputs[f"mount:{mount.target}"] = sha256_digest(canonical_json(found))

@@ -5,7 +5,8 @@ Layout under the root::
     blobs/sha256/<hex>      content, written once through a temp file and a rename
     tags/<name>             the manifest digest a tag points at (names are URL-quoted)
     cache/<key hex>.json    what a build step produced (see executor)
-    memo/<key hex>.json     values derived from content (e.g. checksums of a stage's files)
+    memo/<key hex>.json     values derived from content (checksums of a stage's files; of a
+                            context's files, by their lstat)
     explain/<id hex>.json   the last build's keys per Dockerfile and target, to explain misses
     layers/<diff hex>.json  the stored blobs (compressed forms) of an uncompressed layer
     sources/<hex>.json      registry repositories a blob was pulled from or pushed to
@@ -301,7 +302,7 @@ class Store:
         self._write_record(self.root / "cache" / f"{digest_hex(key)}.json", record)
 
     def get_memo(self, key: str) -> Any:
-        """A value derived from content named by ``key`` (so never stale), or None."""
+        """A value derived from content named by ``key``, or None: a lost one is recomputed."""
         return self._read_record(self.root / "memo" / f"{digest_hex(key)}.json")
 
     def put_memo(self, key: str, value: Any) -> None:

@@ -94,10 +94,15 @@ def source_digests(
             digests[item.key] = item.digest
             continue
         top = item.source.top or describe(str(item.source.path))
-        digests[item.key] = digest_entry(item.key, top, owners=origin is not None)
+        # a stage's files are keyed with their owners; the context's through its remembered sums
+        if origin is not None:
+            keyed = partial(digest_entry, owners=True)
+        else:
+            keyed = partial(digest_entry, sums=context.sums)
+        digests[item.key] = keyed(item.key, top)
         for entry in item.source.children():
             name = f"{item.key}/{entry.rel}" if item.key else entry.rel
-            digests[name] = digest_entry(name, entry, owners=origin is not None)
+            digests[name] = keyed(name, entry)
     return digests
 
 

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from builder.buildcontext import (
     BuildContext,
+    FileSums,
     IgnoreRules,
     digest_entry,
     filtered_walk,
@@ -228,3 +231,47 @@ def test_the_cache_key_recipe_does_not_move(tmp_path: Path) -> None:
     assert digest_entry("sub", describe(str(tmp_path / "sub"))) == (
         "8700299040f81595fb0d4f9d2a13b7434164daaf6b12719bf289100d48cb3216"
     )
+
+
+_LATER = time.time_ns() + 60 * 10**9  # a build started a minute from now: every file is old for it
+
+
+def test_file_sums_remember_a_digest_by_the_files_lstat(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"content")
+    entry = describe(str(path))
+    sums = FileSums(started_ns=_LATER)
+    assert digest_entry("f", entry, sums=sums) == digest_entry("f", entry)
+    signature = [entry.dev, entry.ino, entry.size, entry.mtime_ns, entry.ctime_ns]
+    assert sums.kept == {str(path): [*signature, hashlib.sha256(b"content").hexdigest()]}
+    assert sums.changed
+    # The next build takes a remembered digest without reading the file: a planted one shows it.
+    planted = FileSums({str(path): [*signature, "ab" * 32]}, started_ns=_LATER)
+    assert planted.sha256(entry) == "ab" * 32
+    assert not planted.changed
+
+
+def test_file_sums_see_a_rewrite_that_keeps_size_and_mtime(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"before")
+    os.utime(path, ns=(10**18, 10**18))
+    old = describe(str(path))
+    sums = FileSums(started_ns=_LATER)
+    sums.sha256(old)
+    time.sleep(0.01)  # past the file system's clock tick
+    path.write_bytes(b"after!")  # the same size, and the same mtime put back: only the ctime moves
+    os.utime(path, ns=(10**18, 10**18))
+    new = describe(str(path))
+    assert (new.size, new.mtime_ns) == (old.size, old.mtime_ns)
+    assert FileSums(sums.kept, started_ns=_LATER).sha256(new) == hashlib.sha256(b"after!").hexdigest()
+
+
+def test_file_sums_do_not_keep_a_file_changed_just_before_the_build(tmp_path: Path) -> None:
+    """A second write in the same clock tick would leave its lstat unchanged: such a file is read
+    by every build until it has been left alone for a while."""
+    path = tmp_path / "f"
+    path.write_bytes(b"fresh")
+    sums = FileSums()
+    assert sums.sha256(describe(str(path))) == hashlib.sha256(b"fresh").hexdigest()
+    assert sums.kept == {}
+    assert not sums.changed
