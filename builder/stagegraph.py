@@ -1,8 +1,10 @@
-"""Walk the stage graph: each stage starts as soon as the stages it reads are built.
+"""Walk the stage graph: each stage starts as soon as the stage it is built FROM is built.
 
-Independent stages run at once, each in a thread (a RUN waits in a child process; hashing and
-compression release the GIL). Nothing a stage produces depends on that timing: each stage has an
-executor of its own, and a cache key reached by two stages at once is run by one of them.
+Stages run at once, each in a thread (a RUN waits in a child process; hashing and compression
+release the GIL), as BuildKit runs its graph: a stage that copies from another runs its steps
+before that COPY while the other is still building, and waits at the COPY. Nothing a stage
+produces depends on that timing: each stage has an executor of its own, and a cache key reached
+by two stages at once is run by one of them.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from builder.executor import ImageState, StageExecutor
 from builder.plan import Plan, RunStep, Stage
@@ -27,8 +29,8 @@ def run_stages(
     *,
     jobs: int,
 ) -> dict[int | str, ImageState]:
-    """Build the stages of ``plan.order``, each as soon as the stages it reads are built, at most
-    ``jobs`` at once, on the base ``images`` (``scratch`` for FROM scratch); return the images
+    """Build the stages of ``plan.order``, each as soon as its base is built, at most ``jobs``
+    working at once, on the base ``images`` (``scratch`` for FROM scratch); return the images
     and the built stages by reference and index. The first stage to fail fails the build with its
     own error, the others are stopped; every stage has cleaned up when this returns or raises."""
     return _Walk(plan, images, scratch, executor, jobs).run()
@@ -38,13 +40,70 @@ _STOP_POLL = 0.1  # seconds between two stop_all calls while stopped stages fini
 _Finished = tuple[int, StageExecutor, ImageState | BaseException]
 
 
+class _Built(Mapping[int | str, ImageState]):
+    """The base images and the stages built so far, as the stages read them.
+
+    A stage reading a stage that is not built yet (a COPY --from after steps that need nothing
+    from it) waits for it, and meanwhile gives its turn to work to another stage. It only ever
+    waits for a stage before it in the build order, so the first unfinished stage never waits.
+    """
+
+    def __init__(
+        self,
+        images: Mapping[str, ImageState],
+        expected: set[int],
+        turns: threading.Semaphore,
+        check: Callable[[], None],
+    ) -> None:
+        self._items: dict[int | str, ImageState] = {}
+        self._items.update(images)
+        self._expected = expected  # the stages that will be built
+        self._turns = turns
+        self._check = check  # raises once the build is stopping
+        self._changed = threading.Condition()
+
+    def __getitem__(self, key: int | str) -> ImageState:
+        found = self._items.get(key)
+        if found is not None:
+            return found
+        if key not in self._expected:
+            raise KeyError(key)
+        self._turns.release()
+        try:
+            with self._changed:
+                while key not in self._items:
+                    self._check()
+                    self._changed.wait()
+                return self._items[key]
+        finally:
+            self._turns.acquire()
+
+    def __iter__(self) -> Iterator[int | str]:
+        return iter(dict(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, index: int, state: ImageState) -> None:
+        with self._changed:
+            self._items[index] = state
+            self._changed.notify_all()
+
+    def wake(self) -> None:
+        """Have the waiting stages look at the stop flag."""
+        with self._changed:
+            self._changed.notify_all()
+
+
 class _Walk:
     """One walk of the stage graph, driven by the main thread.
 
     While stages run in threads, the main thread waits in one place only, ``finished.get``, where
     an interrupt (KeyboardInterrupt) may land; everything else it does with the signals deferred,
     so that no thread it started is ever lost track of. A stage that is the only one able to run
-    runs in the main thread, exactly as in a sequential build.
+    runs in the main thread, exactly as in a sequential build (what it reads is built then: a
+    stage it waited for would have had to be able to run too). Working stages hold one of
+    ``jobs`` turns.
     """
 
     def __init__(
@@ -58,8 +117,8 @@ class _Walk:
         self.plan = plan
         self.scratch = scratch
         self.executor = executor
-        self.jobs = jobs
-        self.built: dict[int | str, ImageState] = dict(images.items())
+        self.turns = threading.Semaphore(jobs)
+        self.built = _Built(images, set(plan.order), self.turns, executor.control.check)
         self.waiting = list(plan.order)
         self.running: dict[int, threading.Thread] = {}
         self.finished: queue.SimpleQueue[_Finished] = queue.SimpleQueue()
@@ -71,7 +130,9 @@ class _Walk:
                     alone = self._start_ready()
                 if alone is not None:
                     executor = self.executor.for_stage(alone)
-                    self._done(alone, executor, executor.run_stage(*self._inputs(alone)))
+                    with self.turns:
+                        state = executor.run_stage(*self._inputs(alone))
+                    self._done(alone, executor, state)
                     continue
                 finished = self.finished.get()
                 with deferred_signals():
@@ -79,14 +140,12 @@ class _Walk:
         finally:
             with deferred_signals():
                 self._stop()
-        return self.built
+        return dict(self.built)
 
     def _start_ready(self) -> int | None:
-        """Start each stage whose inputs are built in a thread of its own; or, when it is the
-        only stage that can run, return it to be run in this thread."""
-        built = self.built.keys()
-        ready = [i for i in self.waiting if built >= set(self.plan.stages[i].needs)]
-        ready = ready[: self.jobs - len(self.running)]
+        """Start each stage whose base is built in a thread of its own; or, when it is the only
+        stage that can run, return it to be run in this thread."""
+        ready = [i for i in self.waiting if self.plan.stages[i].base_stage in (None, *self.built)]
         for index in ready:
             self.waiting.remove(index)
         if len(ready) == 1 and not self.running:
@@ -104,8 +163,8 @@ class _Walk:
             thread.start()
         return None
 
-    def _inputs(self, index: int) -> tuple[Stage, ImageState, dict[int | str, ImageState]]:
-        """A stage, its base and what it reads (a copy: the main thread adds to ``built``)."""
+    def _inputs(self, index: int) -> tuple[Stage, ImageState, Mapping[int | str, ImageState]]:
+        """A stage, its base and what it reads."""
         stage = self.plan.stages[index]
         if stage.base_stage is not None:
             base = self.built[stage.base_stage]
@@ -113,7 +172,7 @@ class _Walk:
             base = self.built[stage.base_image]
         else:
             base = self.scratch
-        return stage, base, dict(self.built)
+        return stage, base, self.built
 
     def _work(
         self,
@@ -126,7 +185,8 @@ class _Walk:
         leave_signals_to_main_thread()
         outcome: ImageState | BaseException
         try:
-            outcome = executor.run_stage(stage, base, sources)
+            with self.turns:
+                outcome = executor.run_stage(stage, base, sources)
         except BaseException as exc:  # raised again by the main thread
             outcome = exc
         self.finished.put((index, executor, outcome))
@@ -138,7 +198,7 @@ class _Walk:
         self._done(index, executor, outcome)
 
     def _done(self, index: int, executor: StageExecutor, state: ImageState) -> None:
-        self.built[index] = state
+        self.built.add(index, state)
         self.executor.absorb(executor)
 
     def _stop(self) -> None:
@@ -149,6 +209,7 @@ class _Walk:
         from builder.sandboxserver import stop_all  # a RUN may have started it
 
         self.executor.control.stopping.set()
+        self.built.wake()
         while self.running:
             stop_all()  # every round: a stage may have started a RUN since the last one
             with contextlib.suppress(queue.Empty):

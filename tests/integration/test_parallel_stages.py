@@ -51,6 +51,21 @@ def test_independent_stages_run_at_once(tmp_path: Path, store: Path) -> None:
     assert "(6 steps run)" in result.stderr
 
 
+def test_a_stage_runs_its_steps_before_a_copy_from_a_stage_being_built(tmp_path: Path, store: Path) -> None:
+    """As in BuildKit: a stage waits for the stage it copies from only when it reaches the COPY."""
+    text = (
+        "FROM busybox:latest AS slow\nRUN sleep 2 && mkdir /out && echo slow > /out/slow\n"
+        "FROM busybox:latest\nRUN echo early > /early\nCOPY --from=slow /out /out\n"
+    )
+    result = run_builder("build", str(context(tmp_path, text)), root=store)
+    lines = result.stderr.splitlines()
+    early = [i for i, line in enumerate(lines) if line.startswith("[stage-1 1/2] done in")]
+    slow = [i for i, line in enumerate(lines) if line.startswith("[slow 1/1] done in")]
+    copy = [i for i, line in enumerate(lines) if line.startswith("[stage-1 2/2] COPY")]
+    assert len(early) == len(slow) == len(copy) == 1, result.stderr
+    assert early[0] < slow[0] < copy[0], f"the RUN before the COPY waited:\n{result.stderr}"
+
+
 def test_the_image_does_not_depend_on_the_timing(tmp_path: Path, busybox_layout: Path) -> None:
     """Built in parallel twice, each time in a fresh store, and stage by stage (each stage alone,
     one after another, then the final stage on their cached results): one digest."""
