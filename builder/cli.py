@@ -20,7 +20,7 @@ from builder.export import OUTPUT_KINDS, Output, parse_output, write_output
 from builder.images import Platform, image_history, parse_platform, reference, tag_key, tagged_images
 from builder.oci import Reference
 from builder.registry import RegistryOptions
-from builder.sandbox import private_mount_namespace
+from builder.snapshot import private_mount_namespace
 from builder.stages import parse_build_args
 from builder.store import Store
 

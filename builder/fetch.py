@@ -15,7 +15,6 @@ import os
 import posixpath
 import re
 import shutil
-import subprocess
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +176,8 @@ def _clone(source: GitSource, checkout: Path) -> str:
 
 def _git(args: list[str], source: GitSource, cwd: Path | None = None, *, check: bool = True) -> str:
     """Run git with no configuration but ours: no prompts, no hooks, no local-file transports."""
+    import subprocess  # only a git source runs it (start-up time of every build)
+
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": "/nonexistent",

@@ -8,7 +8,7 @@ digest), the manifest for the wanted platform is picked from it.
 
 from __future__ import annotations
 
-import platform as host
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +65,7 @@ class Platform:
 
 def host_arch() -> str:
     """The host's architecture in OCI terms."""
-    machine = host.machine()
+    machine = os.uname().machine  # what platform.machine() reads, without importing it
     return _ARCHES.get(machine, machine)
 
 

@@ -29,7 +29,7 @@ from builder.layer import apply_blob
 from builder.signals import deferred_signals
 from builder.store import Store
 
-__all__ = ["MAX_LAYERS", "Mounted", "Snapshotter"]
+__all__ = ["MAX_LAYERS", "Mounted", "Snapshotter", "private_mount_namespace"]
 
 _PAGE = 4096
 _OVERLAY_OPTIONS = "index=off,redirect_dir=off,metacopy=off"
@@ -37,6 +37,8 @@ _SHORT = 12
 # lowerdir=l/<12 hex>:... must fit in a page next to upperdir and workdir
 MAX_LAYERS = 200
 _CLONE_FS = 0x200
+_CLONE_NEWNS = 0x20000
+_MS_REC, _MS_PRIVATE = 0x4000, 0x40000
 _MNT_DETACH = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -59,6 +61,7 @@ class Snapshotter:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.root = store.root
+        self._linked: set[str] = set()  # short links made or checked by this snapshotter
         empty = self.root / "snapshots" / "empty"
         try:
             empty.mkdir(0o755, exist_ok=True)
@@ -75,6 +78,8 @@ class Snapshotter:
         return self.path(diff_id).is_dir()
 
     def _link(self, short: str, target: Path) -> str:
+        if short in self._linked:  # each mount names every lower: check each link once a build
+            return f"l/{short}"
         link = self.root / "l" / short
         wanted = os.path.relpath(target, link.parent)
         try:
@@ -84,6 +89,7 @@ class Snapshotter:
                 raise StoreError(
                     f"the short layer link {link} points elsewhere; run builder check."
                 ) from None
+        self._linked.add(short)
         return f"l/{short}"
 
     def short(self, diff_id: str) -> str:
@@ -166,6 +172,18 @@ class Snapshotter:
                     shutil.rmtree(leftover, ignore_errors=True)
                 if upper is None:
                     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def private_mount_namespace() -> None:
+    """Move the calling (single-threaded) process into a private mount namespace of its own.
+
+    What it mounts afterwards is invisible to the host and vanishes with the process, even
+    when the process is killed: a build can never leave a mount behind. Raises OSError.
+    """
+    if _libc.unshare(_CLONE_NEWNS) != 0:
+        raise OSError(f"cannot create a mount namespace: {os.strerror(ctypes.get_errno())}")
+    if _libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        raise OSError(f"cannot make the mount namespace private: {os.strerror(ctypes.get_errno())}")
 
 
 def _mount_overlay(options: str, merged: Path, root: Path, *, layers: int) -> None:
