@@ -61,7 +61,8 @@ class Snapshotter:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.root = store.root
-        self._linked: set[str] = set()  # short links made or checked by this snapshotter
+        # lowerdir names by diff_id, each snapshot looked at once (the build's lease keeps it)
+        self._lowers: dict[str, str] = {}
         empty = self.root / "snapshots" / "empty"
         try:
             empty.mkdir(0o755, exist_ok=True)
@@ -78,8 +79,6 @@ class Snapshotter:
         return self.path(diff_id).is_dir()
 
     def _link(self, short: str, target: Path) -> str:
-        if short in self._linked:  # each mount names every lower: check each link once a build
-            return f"l/{short}"
         link = self.root / "l" / short
         wanted = os.path.relpath(target, link.parent)
         try:
@@ -89,12 +88,19 @@ class Snapshotter:
                 raise StoreError(
                     f"the short layer link {link} points elsewhere; run builder check."
                 ) from None
-        self._linked.add(short)
         return f"l/{short}"
 
     def short(self, diff_id: str) -> str:
         """The lowerdir name of a snapshot, relative to the store root."""
         return self._link(digest_hex(diff_id)[:_SHORT], self.path(diff_id))
+
+    def _lower(self, diff_id: str, workdir: Path) -> str:
+        """The lowerdir name of a snapshot, unpacked first if need be."""
+        name = self._lowers.get(diff_id)
+        if name is None:
+            self.ensure(diff_id, workdir)
+            name = self._lowers[diff_id] = self.short(diff_id)
+        return name
 
     def ensure(self, diff_id: str, workdir: Path) -> Path:
         """The snapshot of ``diff_id``, unpacked from a stored blob if it is not there yet.
@@ -139,9 +145,7 @@ class Snapshotter:
                 f"the image has {len(diff_ids)} layers; overlay mounts here stack at most "
                 f"{MAX_LAYERS}. Squash some RUN steps together."
             )
-        for diff_id in diff_ids:
-            self.ensure(diff_id, workdir)
-        lowers = [self.short(d) for d in reversed(diff_ids)] + ["l/empty"]
+        lowers = [self._lower(d, workdir) for d in reversed(diff_ids)] + ["l/empty"]
         options = f"lowerdir={':'.join(lowers)},{_OVERLAY_OPTIONS}"
         upper = None
         try:
