@@ -233,20 +233,22 @@ def test_the_cache_key_recipe_does_not_move(tmp_path: Path) -> None:
     )
 
 
-_LATER = time.time_ns() + 60 * 10**9  # a build started a minute from now: every file is old for it
+def _later() -> int:
+    """The start of a build a minute from now: every file made so far is old for it."""
+    return time.time_ns() + 60 * 10**9
 
 
 def test_file_sums_remember_a_digest_by_the_files_lstat(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"content")
     entry = describe(str(path))
-    sums = FileSums(started_ns=_LATER)
+    sums = FileSums(started_ns=_later())
     assert digest_entry("f", entry, sums=sums) == digest_entry("f", entry)
     signature = [entry.dev, entry.ino, entry.size, entry.mtime_ns, entry.ctime_ns]
     assert sums.kept == {str(path): [*signature, hashlib.sha256(b"content").hexdigest()]}
     assert sums.changed
     # The next build takes a remembered digest without reading the file: a planted one shows it.
-    planted = FileSums({str(path): [*signature, "ab" * 32]}, started_ns=_LATER)
+    planted = FileSums({str(path): [*signature, "ab" * 32]}, started_ns=_later())
     assert planted.sha256(entry) == "ab" * 32
     assert not planted.changed
 
@@ -256,14 +258,14 @@ def test_file_sums_see_a_rewrite_that_keeps_size_and_mtime(tmp_path: Path) -> No
     path.write_bytes(b"before")
     os.utime(path, ns=(10**18, 10**18))
     old = describe(str(path))
-    sums = FileSums(started_ns=_LATER)
+    sums = FileSums(started_ns=_later())
     sums.sha256(old)
     time.sleep(0.01)  # past the file system's clock tick
     path.write_bytes(b"after!")  # the same size, and the same mtime put back: only the ctime moves
     os.utime(path, ns=(10**18, 10**18))
     new = describe(str(path))
     assert (new.size, new.mtime_ns) == (old.size, old.mtime_ns)
-    assert FileSums(sums.kept, started_ns=_LATER).sha256(new) == hashlib.sha256(b"after!").hexdigest()
+    assert FileSums(sums.kept, started_ns=_later()).sha256(new) == hashlib.sha256(b"after!").hexdigest()
 
 
 def test_file_sums_do_not_keep_a_file_changed_just_before_the_build(tmp_path: Path) -> None:
