@@ -1,18 +1,19 @@
-"""The builder's sandbox server: one per builder process, a child of it that forks a process for
-each RUN step (``builder.sandbox.run_request``), so that a step costs a fork, not a new Python.
+"""The builder's sandbox server: one per builder process, a child of it that starts each RUN
+step as a ``builder.sandbox.Sandbox``, so that a step costs a fork, not a new Python.
 
 Processes, as root::
 
-    builder ── server (forked from the builder; named sandbox-server)
-                 └── request: sandbox.run_request (namespaces, stubs, then init)
-                       └── init: PID 1, own mount namespace, mounts, pivot_root, exec
+    builder ── server (forked from the builder; named sandbox-server): stubs in, stubs out
+                 └── init: PID 1 of the step's PID namespace, mounts, pivot_root, exec
 
-A new Python per RUN cost about 60 ms; forking the already started server costs about 9, and
-forking the server from the builder about 1, where a Python started for it took about 55. The
-builder sends each request on the server's control socket: a socket of the request's own, which
-then carries the spec to the forked child and its exit status back, and the command's stdout and
-stderr. Hanging up that socket stops the request; the server ends when its control socket closes
-or the builder dies.
+A new Python per RUN cost about 60 ms. From the already started server, a ``RUN true`` takes
+about 5 ms, one fork included (about 1.5 ms of it: copying its page tables, then a page fault
+and a page copy for each page that the server or init writes first); forking the server from
+the builder takes about 1, where a Python started for it took about 55. The builder sends each
+request on the server's control socket: a socket of the request's own, which then carries the
+spec to the server and the exit status back, and the command's stdout and stderr. Hanging up
+that socket stops the request (its PID namespace is killed); the server ends when its control
+socket closes or the builder dies.
 
 The server is forked from the main thread of a builder that has no other thread yet (forking a
 threaded process could copy a lock another thread holds); ``build`` starts it that way with
@@ -32,7 +33,6 @@ import signal
 import socket
 import struct
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,16 +42,16 @@ from typing import IO, Any, NoReturn
 from builder.sandbox import (
     SETUP_FAILED,
     STOP_SIGNALS,
+    Sandbox,
     SandboxSpec,
     SetupError,
     exit_status,
-    run_request,
     set_parent_death_signal,
 )
 
 __all__ = ["run_sandboxed", "shutdown", "start_server", "stop_all"]
 
-STOP_TIMEOUT = 10.0  # seconds a sandbox gets to kill the command and clean up after SIGTERM
+STOP_TIMEOUT = 10.0  # seconds a stopped sandbox gets to end (its processes killed) and be cleaned up
 _NAME = b"sandbox-server"  # its name in ps and /proc/PID/comm (the command line is the builder's)
 # The new Python of a server started from a thread: -I keeps the environment and the current
 # directory off sys.path, so the directory that holds the builder package is added last.
@@ -121,8 +121,9 @@ def shutdown() -> None:
 class _Request:
     """The builder's end of one request: a socket pair, the other end handed to the server.
 
-    The server forks a child that reads the spec from it; once the child has ended, the server
-    writes its exit status back. Shutting down our sending side asks the server to stop the child.
+    The server reads the spec from it and starts the sandbox; once that has ended and its stubs
+    are removed, the server writes its exit status back. Shutting down our sending side asks the
+    server to stop the sandbox.
     """
 
     def __init__(self) -> None:
@@ -273,7 +274,6 @@ def _forked_server(control: socket.socket, builder: int) -> NoReturn:
         sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
         os.setsid()  # a terminal's Ctrl-C is the builder's alone: it stops the server
         _reset_signals()
-        tempfile.tempdir = None  # found again from TMPDIR, as a new Python would
         status = _serve(control, builder)
     except BaseException as e:  # a bug here must still end this process, never return
         with contextlib.suppress(OSError):
@@ -386,16 +386,17 @@ def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
     raise _Stopped
 
 
-@dataclass(eq=False)  # one per process: compared and hashed by identity
+@dataclass(eq=False)  # one per sandbox: compared and hashed by identity
 class _Child:
-    pid: int
-    pidfd: int  # readable once the child has ended
+    sandbox: Sandbox
+    pid: int  # of its init
+    pidfd: int  # readable once init and all its PID namespace have ended
     sock: socket.socket  # the server's end of the request
     watched: bool = True  # whether the poll set still has sock (it leaves on hang-up)
 
 
 class _Children:
-    """The server's running requests, and what it polls: the control socket, each child's pidfd
+    """The server's running sandboxes, and what it polls: the control socket, each init's pidfd
     and each request socket (hung up when the builder gives up on the request)."""
 
     def __init__(self, control: socket.socket) -> None:
@@ -407,7 +408,7 @@ class _Children:
     def serve(self) -> None:
         control = self._control.fileno()
         while True:
-            # The control socket last: a child that ended in this round has closed its
+            # The control socket last: a sandbox that ended in this round has closed its
             # descriptors, and a new request may reuse their numbers.
             for fd, _ in sorted(self._poll.poll(), key=lambda event: event[0] == control):
                 child = self._by_fd.get(fd)
@@ -419,20 +420,20 @@ class _Children:
                     self._hang_up(child)
 
     def stop(self) -> None:
-        """SIGTERM every child (each kills its PID namespace and cleans up); SIGKILL those that
-        take longer than STOP_TIMEOUT."""
+        """Kill every sandbox (its init: the kernel kills the rest of its PID namespace) and clean
+        up each once it has ended; one that has not within STOP_TIMEOUT (stuck in the kernel) is
+        left to end alone."""
         children = set(self._by_fd.values())
         for child in children:
-            signal.pidfd_send_signal(child.pidfd, signal.SIGTERM)
+            signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
         deadline = time.monotonic() + STOP_TIMEOUT
         for child in children:
             ended, _, _ = select.select([child.pidfd], [], [], max(0.0, deadline - time.monotonic()))
-            if not ended:
-                signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
-            self._finish(child)
+            if ended:
+                self._finish(child)
 
     def _accept(self) -> bool:
-        """Fork a child for the next request; False once the control socket has closed."""
+        """Start the sandbox of the next request; False once the control socket has closed."""
         message, fds, _, _ = socket.recv_fds(self._control, len(_REQUEST), 3, socket.MSG_CMSG_CLOEXEC)
         if not message:
             return False
@@ -441,44 +442,49 @@ class _Children:
                 os.close(fd)
             return True
         sock = socket.socket(fileno=fds[0])
-        # Held back from the fork until the child is registered: a stop signal must find it among
-        # the children to stop (the child unblocks them once its own handlers are in).
+        # Held back until the sandbox is registered: a stop signal must find it among those to
+        # stop, with its stubs to remove.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            try:
-                pid = self._fork(sock, fds[1], fds[2])
-            except OSError as e:
-                os.write(fds[2], f"sandbox: cannot fork the sandbox: {e.strerror}.\n".encode())
-                with sock, contextlib.suppress(OSError):
-                    sock.sendall(struct.pack("!i", SETUP_FAILED))
-                return True
-            finally:
-                os.close(fds[1])
-                os.close(fds[2])
-            child = _Child(pid, os.pidfd_open(pid), sock)
-            self._by_fd[child.pidfd] = self._by_fd[sock.fileno()] = child
-            self._poll.register(child.pidfd, select.POLLIN)
-            self._poll.register(sock, select.POLLRDHUP)
+            self._start(sock, fds[1], fds[2])
         finally:
+            os.close(fds[1])
+            os.close(fds[2])
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return True
 
-    def _fork(self, sock: socket.socket, stdout: int, stderr: int) -> int:
-        inherited = [self._control.fileno(), *self._by_fd]
-        server = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            _request_child(sock, stdout, stderr, inherited, server)
-        return pid
+    def _start(self, sock: socket.socket, stdout: int, stderr: int) -> None:
+        """Read the spec, prepare and start its sandbox; a failure is one line on the request's
+        stderr and SETUP_FAILED."""
+        try:
+            sandbox = Sandbox(_receive_spec(sock))
+            try:
+                pid = sandbox.start(stdout, stderr)
+            except BaseException:
+                sandbox.close()
+                raise
+        except (SetupError, ValueError, OSError) as e:
+            problem = f"cannot start the sandbox: {e.strerror or e}." if isinstance(e, OSError) else str(e)
+            with contextlib.suppress(OSError):  # the builder may have gone
+                os.write(stderr, f"sandbox: {problem}\n".encode())
+            with sock, contextlib.suppress(OSError):
+                sock.sendall(struct.pack("!i", SETUP_FAILED))
+            return
+        child = _Child(sandbox, pid, os.pidfd_open(pid), sock)
+        self._by_fd[child.pidfd] = self._by_fd[sock.fileno()] = child
+        self._poll.register(child.pidfd, select.POLLIN)
+        self._poll.register(sock, select.POLLRDHUP)
 
     def _hang_up(self, child: _Child) -> None:
-        """The builder gave up on the request: stop it; its status is sent once it has ended."""
+        """The builder gave up on the request: kill the sandbox; its status is sent once it has
+        ended and its stubs are removed."""
         self._poll.unregister(child.sock)  # a hang-up stays readable: it would be seen again
         child.watched = False
-        signal.pidfd_send_signal(child.pidfd, signal.SIGTERM)
+        signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
 
     def _finish(self, child: _Child) -> None:
         _, status = os.waitpid(child.pid, 0)
+        child.sandbox.close()  # before the status: the builder finds the root as it was
         with contextlib.suppress(OSError):  # the builder may have gone
             child.sock.sendall(struct.pack("!i", exit_status(os.waitstatus_to_exitcode(status))))
         self._poll.unregister(child.pidfd)
@@ -489,30 +495,10 @@ class _Children:
         child.sock.close()
 
 
-def _request_child(
-    sock: socket.socket, stdout: int, stderr: int, inherited: list[int], server: int
-) -> NoReturn:
-    """A request's process: sandbox.run_request, with the request's stdout and stderr."""
-    status = SETUP_FAILED
-    try:
-        for fd in inherited:  # the server's: other requests' sockets must close when the server goes
-            os.close(fd)
-        os.dup2(stdout, 1)
-        os.dup2(stderr, 2)
-        os.close(stdout)
-        os.close(stderr)
-        status = run_request(lambda: _receive_spec(sock), server)
-    except BaseException as e:  # a bug here must still end this process, never return
-        with contextlib.suppress(OSError):
-            os.write(2, f"sandbox: unexpected error: {e!r}.\n".encode())
-    os._exit(status)
-
-
 def _receive_spec(sock: socket.socket) -> SandboxSpec:
     """The spec from the builder: its length in 4 bytes, then the JSON."""
-    with sock:
-        (size,) = struct.unpack("!I", _receive_exactly(sock, 4))
-        return SandboxSpec.from_json(_receive_exactly(sock, size).decode())
+    (size,) = struct.unpack("!I", _receive_exactly(sock, 4))
+    return SandboxSpec.from_json(_receive_exactly(sock, size).decode())
 
 
 def _receive_exactly(sock: socket.socket, size: int) -> bytes:

@@ -2,7 +2,7 @@
 by the builder's sandbox server (forked from this process, or a new Python when it cannot be).
 
 Each root test runs on an overlay mount (lower: static busybox; upper: what a layer would hold),
-and checks afterwards that no mount, process or temp dir is left behind.
+and checks afterwards that no mount, process or temp file is left behind.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class Rootfs:
     lower: Path
     upper: Path
     merged: Path
-    tmp: Path  # TMPDIR of the script: must stay empty
+    tmp: Path  # TMPDIR of the server: must stay empty
     logs: Path
     token: str  # in the environment of every process of this test, and of no other
 
@@ -248,7 +248,7 @@ def rootfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Rootfs]:
             servers = servers_of(os.getpid())
             sandboxserver.shutdown()
     assert str(tmp_path) not in Path("/proc/self/mountinfo").read_text(), "a mount leaked"
-    assert list(fs.tmp.iterdir()) == [], "the sandbox left its temp dir behind"
+    assert list(fs.tmp.iterdir()) == [], "the sandbox wrote to the temp dir"
     assert not fs.processes(server=True), "a process was left behind"
     assert not [pid for pid in servers if alive(pid)], "the server was left behind (or a zombie)"
     assert not in_sessions(servers), "a process of the server was left behind"
@@ -556,21 +556,23 @@ def test_a_caller_killed_outright_leaves_nothing_behind(rootfs: Rootfs) -> None:
 
 @needs_root
 @pytest.mark.parametrize("uid", [0, 1000])  # a change of user clears the parent-death signal
-def test_a_killed_request_process_takes_the_command_with_it(rootfs: Rootfs, uid: int) -> None:
-    def kill_the_request_process() -> None:
+def test_a_killed_server_takes_the_command_with_it(rootfs: Rootfs, uid: int) -> None:
+    def kill_the_server() -> None:
         _wait_for(lambda: rootfs.processes("sleep 4248"))
         (command,) = rootfs.processes("sleep 4248")
-        request = int(_stat(command)[1])  # the server's child for this run, parent of init
-        assert _is_server(int(_stat(request)[1]))
-        os.kill(request, signal.SIGKILL)
+        server = int(_stat(command)[1])  # the command is init, the server's child: one fork a run
+        assert _is_server(server)
+        os.kill(server, signal.SIGKILL)
 
-    join = _in_background(rootfs, kill_the_request_process)
-    assert rootfs.run("sleep", "4248", uid=uid, gid=uid).status == 128 + signal.SIGKILL
+    join = _in_background(rootfs, kill_the_server)
+    result = rootfs.run("sleep", "4248", uid=uid, gid=uid)
     join()
+    assert (result.status, result.err) == (
+        SETUP_FAILED,
+        "sandbox: the sandbox server ended while the step ran.\n",
+    )
     _wait_for(lambda: not rootfs.processes("sleep 4248"))
-    # SIGKILL gave it no chance to clean up; the builder discards such a step anyway.
-    for leftover in rootfs.tmp.iterdir():
-        shutil.rmtree(leftover)
+    # SIGKILL gave it no chance to remove the stubs; the builder discards such a step anyway.
 
 
 @needs_root
@@ -578,6 +580,40 @@ def test_describe_replays_the_step(rootfs: Rootfs) -> None:
     spec = rootfs.spec("sh", "-c", 'echo "it\'s $X"; exit 3', env=(("X", "a 'b'"),))
     result = subprocess.run(spec.describe(), shell=True, capture_output=True, text=True)
     assert (result.returncode, result.stdout) == (3, "it's a 'b'\n")
+
+
+@needs_root
+def test_a_stopped_script_kills_the_command_and_removes_its_stubs(rootfs: Rootfs) -> None:
+    spec_file = rootfs.logs / "spec.json"  # not on the command line, where processes() would see it
+    spec_file.write_text(rootfs.spec("sh", "-c", "sleep 4251 & sleep 4252").to_json())
+    script = subprocess.Popen([sys.executable, "-I", "-S", sandbox.__file__, spec_file])
+    try:
+        _wait_for(lambda: rootfs.processes("sleep 4251") and rootfs.processes("sleep 4252"))
+        script.send_signal(signal.SIGTERM)
+        assert script.wait(timeout=15) == 128 + signal.SIGKILL  # its init, killed with its namespace
+    finally:
+        script.kill()
+        script.wait()
+    assert rootfs.processes() == []
+    assert rootfs.upper_entries() == []
+
+
+@needs_root
+def test_file_stubs_on_two_file_systems(rootfs: Rootfs) -> None:
+    """The file stubs are hard links to the first where they can be; /etc/resolv.conf -> /run
+    on a file system of its own cannot be one."""
+    (rootfs.lower / "etc").mkdir()
+    (rootfs.lower / "etc/resolv.conf").symlink_to("../run/resolv.conf")
+    (rootfs.lower / "run").mkdir()
+    run = rootfs.merged / "run"
+    subprocess.run(["mount", "-t", "tmpfs", "run", run], check=True)
+    try:
+        result = rootfs.run("cat", "/etc/hostname", "/etc/resolv.conf", resolv_conf="nameserver ::1\n")
+        assert (result.status, result.out) == (0, "builder\nnameserver ::1\n"), result.err
+        assert list(run.iterdir()) == []
+    finally:
+        subprocess.run(["umount", run], check=True)
+    assert rootfs.upper_entries() == ["etc"]  # copied up by the stubs, then restored as it was
 
 
 @needs_root
@@ -626,8 +662,8 @@ def test_a_mount_made_after_the_server_started_is_seen_by_later_runs(rootfs: Roo
     late = rootfs.merged / "late"
     late.mkdir()
     code = (
-        "import subprocess, sys; from builder import sandbox, sandboxserver as s\n"
-        "sandbox.private_mount_namespace()\n"
+        "import subprocess, sys; from builder import sandbox, snapshot, sandboxserver as s\n"
+        "snapshot.private_mount_namespace()\n"
         "assert s.run_sandboxed(sandbox.SandboxSpec.from_json(sys.argv[1])) == 0\n"
         "subprocess.run(['mount', '-t', 'tmpfs', 'late', sys.argv[2]], check=True)\n"
         "open(sys.argv[2] + '/file', 'w').write('mounted later\\n')\n"
