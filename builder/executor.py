@@ -370,7 +370,7 @@ class StageExecutor:
         try:
             layer = self._commit(mounted.upper, lowers)
         finally:
-            shutil.rmtree(mounted.upper.parent, ignore_errors=True)
+            shutil.rmtree(mounted.upper, ignore_errors=True)  # committed: renamed away already
         return {"created": now, "layer": layer}
 
     def _commit(self, upper: Path, diff_ids: list[str]) -> Json | None:

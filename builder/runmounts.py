@@ -45,6 +45,9 @@ def run_mounts(
     open_origin: OriginOpener,
 ) -> Iterator[tuple[tuple[BindMount, ...], dict[str, str]]]:
     """The bind mounts and extra environment of ``step``; everything is undone on exit."""
+    if not step.files and not step.mounts:  # most steps: no scratch dir to make and remove
+        yield (), {}
+        return
     binds: list[BindMount] = []
     env: dict[str, str] = {}
     scratch.mkdir(parents=True, exist_ok=True)

@@ -147,13 +147,11 @@ class Snapshotter:
             )
         lowers = [self._lower(d, workdir) for d in reversed(diff_ids)] + ["l/empty"]
         options = f"lowerdir={':'.join(lowers)},{_OVERLAY_OPTIONS}"
-        upper = None
+        upper = work = None
         try:
-            scratch = Path(tempfile.mkdtemp(dir=workdir, prefix="mnt-"))
-            merged = scratch / "merged"
-            merged.mkdir()
-            if writable:
-                upper, work = scratch / "upper", scratch / "work"
+            merged = Path(tempfile.mkdtemp(dir=workdir, prefix="mnt-"))
+            if writable:  # beside the mount point, named after it (new inodes are not free)
+                upper, work = Path(f"{merged}-upper"), Path(f"{merged}-work")
                 upper.mkdir()
                 upper.chmod(0o755)  # the root directory as the step sees it, whatever the umask
                 work.mkdir()
@@ -171,11 +169,10 @@ class Snapshotter:
             with deferred_signals():
                 if os.path.ismount(merged):
                     _unmount(merged)
-                # the upper dir outlives the mount: the caller diffs it, then commits or drops it
-                for leftover in (merged, scratch / "work"):
-                    shutil.rmtree(leftover, ignore_errors=True)
-                if upper is None:
-                    shutil.rmtree(scratch, ignore_errors=True)
+                # the upper dir outlives the mount: the caller diffs it, then commits or removes it
+                for leftover in (merged, work):
+                    if leftover is not None:
+                        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def private_mount_namespace() -> None:

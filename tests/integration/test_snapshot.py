@@ -101,7 +101,7 @@ def test_threads_mount_and_unpack_at_once_without_moving_the_working_directory(
             snapshot = f"sha256:{hashlib.sha256(f'{index}/{round_}'.encode()).hexdigest()}"
             snapshots.commit(snapshot, mounted.upper)
             assert (snapshots.path(snapshot) / "mine").read_text() == f"{index}/{round_}"
-            mounted.upper.parent.rmdir()  # the caller's to remove, as the executor does
+            assert not mounted.upper.exists()  # renamed into the snapshot
 
     in_threads(build)
     assert os.getcwd() == cwd and seen_cwds == {cwd}
