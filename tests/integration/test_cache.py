@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,28 @@ def test_a_changed_file_rebuilds_from_its_copy_and_says_why(tmp_path: Path, stor
     ]
     assert "COPY second.txt /second.txt  (not cached: source second.txt changed)" in again.stderr
     assert "(not cached: an earlier step changed)" in again.stderr
+
+
+def test_a_rewrite_keeping_size_and_mtime_misses_though_digests_are_remembered(
+    tmp_path: Path, store: Path
+) -> None:
+    """Context digests are remembered by lstat between builds: a rewrite that keeps the size and
+    puts the mtime back still moves the ctime, and the copy runs again with the new bytes."""
+    context = _context(tmp_path / "r")
+    second = context / "second.txt"
+    time.sleep(2.1)  # the files are old enough to be remembered (not racily clean)
+    run_builder("build", str(context), root=store)
+    remembered = [path.read_text() for path in (store / "memo").glob("*.json")]
+    assert any(str(second) in text for text in remembered), "the digest was not remembered"
+    before = second.stat()
+    second.write_text("SECOND\n")
+    os.utime(second, ns=(before.st_atime_ns, before.st_mtime_ns))
+    again = run_builder("build", str(context), root=store)
+    assert "COPY second.txt /second.txt  (not cached: source second.txt changed)" in again.stderr
+    shown = run_builder(
+        "build", "-q", "--output", f"type=local,dest={tmp_path / 'out'}", str(context), root=store
+    )
+    assert shown.returncode == 0 and (tmp_path / "out" / "both").read_text() == "first\nSECOND\n"
 
 
 def test_a_changed_build_arg_misses_only_where_it_is_used(tmp_path: Path, store: Path) -> None:
