@@ -84,6 +84,17 @@ class Workload:
         return f"bench-{self.name}:{index}"
 
 
+class Rebuilt(Workload):
+    """Repetitions that build again what ``prepare`` built once, in the same cache."""
+
+    def prepare(self, engine: Engine) -> None:
+        engine.reset()
+        engine.build(self.dir, tag=self.tag(0))
+
+    def rep(self, engine: Engine, index: int) -> Sample:
+        return engine.build(self.dir, tag=self.tag(0))
+
+
 def _write(path: Path, text: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(text, str):
@@ -159,17 +170,10 @@ def make_small_context(ctx: Path) -> None:
     (ctx / "src" / "main.sh").chmod(0o755)
 
 
-class SmallCached(SmallCold):
+class SmallCached(Rebuilt, SmallCold):
     name = "small-cached"
     title = "20 small steps, fully cached"
     goal = "≤ 0.7"
-
-    def prepare(self, engine: Engine) -> None:
-        engine.reset()
-        engine.build(self.dir, tag=self.tag(0))
-
-    def rep(self, engine: Engine, index: int) -> Sample:
-        return engine.build(self.dir, tag=self.tag(0))
 
 
 class SmallEdit(SmallCached):
@@ -179,12 +183,6 @@ class SmallEdit(SmallCached):
 
     def before_rep(self, index: int) -> None:
         _write(self.dir / "src" / "main.sh", MAIN_SH + f"echo edit {index}\n")
-
-    def rep(self, engine: Engine, index: int) -> Sample:
-        return engine.build(self.dir, tag=self.tag(0))
-
-    def close(self) -> None:
-        super().close()
 
 
 # -- one RUN writing 1 GiB in 20,000 files ---------------------------------------------------------
@@ -297,17 +295,10 @@ class Copy50k(Workload):
         return engine.build(self.dir, tag=self.tag(index))
 
 
-class Copy50kCached(Copy50k):
+class Copy50kCached(Rebuilt, Copy50k):
     name = "copy-50k-cached"
     title = "COPY 50,000 small files, .dockerignore, fully cached"
     goal = "(no target; reported)"
-
-    def prepare(self, engine: Engine) -> None:
-        engine.reset()
-        engine.build(self.dir, tag=self.tag(0))
-
-    def rep(self, engine: Engine, index: int) -> Sample:
-        return engine.build(self.dir, tag=self.tag(0))
 
 
 # -- a Debian base image from a debootstrap rootfs --------------------------------------------------

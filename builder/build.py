@@ -6,6 +6,7 @@ errors are raised as :class:`builder.errors.BuilderError`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
@@ -17,7 +18,7 @@ from builder.buildcontext import BuildContext, FileSums
 from builder.digest import sha256_digest
 from builder.distribution import fetch_image
 from builder.dockerfile import parse_dockerfile
-from builder.errors import BuilderError, DockerfileError
+from builder.errors import BuilderError, DockerfileError, StoreError
 from builder.executor import BuildSettings, ImageState, Layer, StageExecutor
 from builder.export import Output, write_output
 from builder.images import host_arch, resolve_image
@@ -190,8 +191,7 @@ def _build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
             executor = StageExecutor(store, snapshots, context, settings, workdir, log)
             results = run_stages(plan, images, scratch, executor, jobs=_STAGE_JOBS)
     finally:  # what was hashed is right whatever became of the build
-        if sums.changed:
-            store.put_memo(sums_key, sums.kept)
+        _keep_sums(store, sums_key, sums)
     if executor.keys != previous_keys:
         store.put_explanation(build_id, executor.keys)
     for spec in request.cache_to:
@@ -200,6 +200,14 @@ def _build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
     manifest_digest, config_digest = _store_image(store, final)
     publish(request, store, manifest_digest, log)
     return BuildResult(manifest_digest, config_digest, executor.executed, plan.unused_args)
+
+
+def _keep_sums(store: Store, key: str, sums: FileSums) -> None:
+    """Remember the context's digests for the next build. Only a cache: a store that cannot take
+    them fails no build, nor hides why one failed."""
+    if sums.changed:
+        with contextlib.suppress(StoreError):
+            store.put_memo(key, sums.kept)
 
 
 def publish(request: BuildRequest, store: Store, manifest_digest: str, log: Log) -> None:
