@@ -9,7 +9,6 @@ by two stages at once is run by one of them.
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -210,8 +209,11 @@ class _Walk:
 
         self.executor.control.stopping.set()
         self.built.wake()
+        # Each thread is joined, not awaited on ``finished``: an interrupt landing just after
+        # ``finished.get`` returned has lost that stage's report.
         while self.running:
             stop_all()  # every round: a stage may have started a RUN since the last one
-            with contextlib.suppress(queue.Empty):
-                index, _, _ = self.finished.get(timeout=_STOP_POLL)
-                self.running.pop(index).join()
+            index, thread = next(iter(self.running.items()))
+            thread.join(timeout=_STOP_POLL)
+            if not thread.is_alive():
+                del self.running[index]
