@@ -120,7 +120,7 @@ class Store:
     """One store root; safe to share between concurrent builds."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
+        self.root = Path(os.path.abspath(root))  # overlay options and mount points need it absolute
 
     @classmethod
     def open(cls, root: Path) -> Store:
