@@ -92,9 +92,16 @@ def machine_busy() -> float:
 QUIET = {"wait": 0.0, "cores": 0.3}
 
 
-def wait_for_quiet() -> float:
-    """Wait (at most ``QUIET["wait"]`` s) until the machine is nearly idle; the seconds waited."""
+def settle() -> float:
+    """Write back every dirty page, then wait (at most ``QUIET["wait"]`` s) until the machine is
+    nearly idle; the seconds waited.
+
+    The sync keeps one command's writeback out of the next one's time: builder's syncfs before
+    a tag, and dockerd's fsyncs, would otherwise write the pages of the previous build, of the
+    other engine and of the reset (a store copied or pruned) too.
+    """
     started = time.monotonic()
+    os.sync()
     while time.monotonic() - started < QUIET["wait"]:
         before = machine_busy()
         time.sleep(1.0)
@@ -277,7 +284,7 @@ class BuilderEngine:
         if self.profile_dir is not None:
             env["BENCH_CPROFILE"] = str(self.profile_dir / f"{tag.replace(':', '-')}.prof")
         os.sync()  # earlier runs' dirty pages are not this run's work
-        waited = wait_for_quiet()
+        waited = settle()
         measured = _run_measured(argv, env, self.log)
         if measured.status != 0:
             raise EngineError(f"builder build of {context} failed ({measured.status}):\n{_tail(self.log)}")
@@ -436,7 +443,7 @@ class BuildKitEngine:
         pids = self._pids()
         assert self.dockerd is not None
         _reset_hwm(self.dockerd.pid)
-        waited = wait_for_quiet()
+        waited = settle()
         before = {pid: _proc_cpu(pid) for pid in pids}
         measured = _run_measured(argv, self.env, log)
         cpu = measured.cpu + sum(_proc_cpu(pid) - start for pid, start in before.items())
