@@ -7,12 +7,12 @@ errors are raised as :class:`builder.errors.BuilderError`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from msgspec import Struct, field, structs
 
 from builder.buildcontext import BuildContext, FileSums
 from builder.digest import sha256_digest
@@ -61,8 +61,7 @@ Log = Callable[[str], None]
 _STAGE_JOBS = max(4, os.cpu_count() or 1)
 
 
-@dataclass(frozen=True)
-class BuildRequest:
+class BuildRequest(Struct, frozen=True):
     context: Path
     dockerfile: Path | None = None  # default: CONTEXT/Dockerfile
     tags: tuple[str, ...] = ()
@@ -86,8 +85,7 @@ class BuildRequest:
         return self.dockerfile or self.context / "Dockerfile"
 
 
-@dataclass(frozen=True)
-class BuildResult:
+class BuildResult(Struct, frozen=True):
     manifest_digest: str
     config_digest: str
     executed: int  # steps that ran; 0 on a fully cached rebuild
@@ -220,7 +218,7 @@ def publish(request: BuildRequest, store: Store, manifest_digest: str, log: Log)
         write_output(
             store,
             manifest_digest,
-            dataclasses.replace(output, compression=compression),
+            structs.replace(output, compression=compression),
             names,
             request.registry,
             log,

@@ -20,9 +20,10 @@ import posixpath
 import stat
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from msgspec import Struct
 
 from builder.errors import ContextError
 from builder.fscopy import CopyEntry, check_unchanged, describe, open_source
@@ -47,8 +48,7 @@ _BOM = "\ufeff"
 _RACY_NS = 2_000_000_000
 
 
-@dataclass(frozen=True)
-class IgnoreRules:
+class IgnoreRules(Struct, frozen=True):
     """``.dockerignore`` patterns, read as moby's ``ignorefile.ReadAll`` reads them."""
 
     matcher: PatternMatcher
@@ -80,8 +80,7 @@ class IgnoreRules:
         return bool(relpath) and self.matcher.matches(relpath)
 
 
-@dataclass(frozen=True)
-class Source:
+class Source(Struct, frozen=True):
     """One matched COPY source: its place in the root, on the host, and the path it was named by."""
 
     relpath: str  # relative to the root, symlinks resolved; "" for the root itself

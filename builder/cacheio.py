@@ -13,9 +13,10 @@ import json
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from msgspec import Struct
 
 from builder.digest import is_digest
 from builder.errors import BuilderError, StoreError
@@ -35,8 +36,7 @@ _CHUNK = 1 << 20
 Json = dict[str, Any]
 
 
-@dataclass(frozen=True)
-class CacheSpec:
+class CacheSpec(Struct, frozen=True):
     """``type=local,dest=DIR`` / ``type=local,src=DIR`` / ``type=registry,ref=REF`` and options."""
 
     kind: str  # "local" | "registry"

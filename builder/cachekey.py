@@ -10,8 +10,9 @@ digest per environment variable or source file) narrow it down further. Pure.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
+
+from msgspec import Struct, field
 
 from builder.digest import sha256_digest
 from builder.oci import canonical_json
@@ -38,8 +39,7 @@ _FIELD_NAMES = {
 }
 
 
-@dataclass(frozen=True)
-class CacheKey:
+class CacheKey(Struct, frozen=True):
     digest: str
     components: dict[str, str]
     details: dict[str, dict[str, str]] = field(default_factory=dict)

@@ -24,9 +24,10 @@ import os
 import shutil
 import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from msgspec import Struct
 
 from builder.digest import is_digest
 from builder.layer import open_layer
@@ -39,15 +40,13 @@ Json = dict[str, Any]
 _CHUNK = 1 << 20
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(Struct, frozen=True):
     path: Path
     message: str  # a sentence
-    repair: Callable[[], None] | None = field(default=None, compare=False)  # None: not repairable
+    repair: Callable[[], None] | None = None  # None: not repairable
 
 
-@dataclass(frozen=True)
-class CheckResult:
+class CheckResult(Struct, frozen=True):
     checked: dict[str, int]  # what was looked at, by kind
     problems: tuple[Problem, ...]
     repaired: tuple[Problem, ...]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
@@ -12,6 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
+
+from msgspec import structs
 
 from builder.build import BuildRequest, build, plan_build, resolve_image
 from builder.config import CONFIG_ENV, DEFAULT_CONFIG, add_setting_flags, parse_config, resolve
@@ -460,7 +461,7 @@ def _save(args: argparse.Namespace, store: Store) -> int:
     for output in args.output:
         compression = output.compression or args.compression
         level = output.level if output.level is not None else args.compression_level
-        chosen = dataclasses.replace(output, compression=compression, level=level)
+        chosen = structs.replace(output, compression=compression, level=level)
         print(write_output(store, digest, chosen, names, registry, _log))
     return 0
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
+
+from msgspec import Struct
 
 from builder.errors import BuilderError
 
@@ -28,8 +29,7 @@ CONFIG_ENV = "BUILDER_CONFIG"
 DEFAULT_CONFIG = "/etc/builder/config.yaml"
 
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(Struct, frozen=True):
     key: str  # the YAML key; the flag is --key
     help: str
     kind: type  # str, int or list (a repeatable flag / a YAML list of strings)

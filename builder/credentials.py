@@ -9,8 +9,9 @@ import base64
 import json
 import os
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
+
+from msgspec import Struct
 
 from builder.errors import RegistryError
 
@@ -20,8 +21,7 @@ DOCKER_HUB = "docker.io"
 _DOCKER_HUB_KEYS = ("docker.io", "index.docker.io", "registry-1.docker.io")
 
 
-@dataclass(frozen=True)
-class Credentials:
+class Credentials(Struct, frozen=True):
     username: str
     password: str
 

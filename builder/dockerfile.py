@@ -11,14 +11,13 @@ scanner below reads each instruction from its start as BuildKit's parser does, p
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from dockerfile_parse import DockerfileParser
+from msgspec import Struct, structs
 
 from builder.errors import DockerfileError
 
@@ -58,8 +57,7 @@ _HEREDOC_WORD = re.compile(r"(\d*)<<(-?)[\t\n\f\r ]*([^<]*)")
 _BOM = "\ufeff"
 
 
-@dataclass(frozen=True)
-class Heredoc:
+class Heredoc(Struct, frozen=True):
     """A here-document attached to RUN, COPY or ADD, its body as written (tabs not stripped)."""
 
     name: str
@@ -73,8 +71,7 @@ class Heredoc:
         return re.sub(r"(?m)^\t+", "", self.content) if self.strip_tabs else self.content
 
 
-@dataclass(frozen=True)
-class Instruction:
+class Instruction(Struct, frozen=True):
     """One instruction with its flags split off, located by its first and last line (1-based)."""
 
     keyword: str  # upper case
@@ -89,8 +86,7 @@ class Instruction:
     trigger: Instruction | None = None  # what an ONBUILD triggers
 
 
-@dataclass(frozen=True)
-class Dockerfile:
+class Dockerfile(Struct, frozen=True):
     """A parsed Dockerfile."""
 
     filename: str
@@ -274,9 +270,9 @@ class _Scanner:
         if target.keyword in _HEREDOC_FORM and target.exec_form is None and "<<" in logical:
             heredocs = tuple(self.read_heredoc(doc, start) for doc in _heredoc_words(logical))
         if node.trigger is not None:
-            trigger = _replace(node.trigger, heredocs=heredocs, end_line=self.pos)
-            return _replace(node, trigger=trigger, end_line=self.pos)
-        return _replace(node, heredocs=heredocs, end_line=self.pos)
+            trigger = structs.replace(node.trigger, heredocs=heredocs, end_line=self.pos)
+            return structs.replace(node, trigger=trigger, end_line=self.pos)
+        return structs.replace(node, heredocs=heredocs, end_line=self.pos)
 
     def read_heredoc(self, doc: Heredoc, start: int) -> Heredoc:
         body: list[str] = []
@@ -293,10 +289,6 @@ class _Scanner:
             f"unterminated heredoc <<{doc.name}: no line {doc.name!r} ends it before the end of the file.",
             start,
         )
-
-
-def _replace(ins: Instruction, **changes: object) -> Instruction:
-    return dataclasses.replace(ins, **changes)  # type: ignore[arg-type]
 
 
 def _node(logical: str, line: int, error: _ErrorAt) -> Instruction:

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import shutil
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+import msgspec
+from msgspec import Struct, field
 
 from builder.buildcontext import BuildContext, digest_entry
 from builder.cachekey import CacheKey, base_key, explain_miss, step_key
@@ -49,14 +50,12 @@ Json = dict[str, Any]
 Log = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class Layer:
+class Layer(Struct, frozen=True):
     diff_id: str
     blob: Json  # the OCI descriptor of its compressed blob
 
 
-@dataclass
-class ImageState:
+class ImageState(Struct):
     """An image being built: its full config document and its layers, bottom first."""
 
     config: Json
@@ -67,8 +66,7 @@ class ImageState:
         return [layer.diff_id for layer in self.layers]
 
 
-@dataclass(frozen=True)
-class BuildSettings:
+class BuildSettings(Struct, frozen=True):
     compression: Compression
     level: int | None
     epoch: int | None  # SOURCE_DATE_EPOCH: clamps file times, fixes history times
@@ -265,7 +263,7 @@ class StageExecutor:
     # cache
 
     def _key(self, parent: str, step: Step, sources: Mapping[int | str, ImageState]) -> CacheKey:
-        fields = {k: v for k, v in dataclasses.asdict(step).items() if k not in _NON_SEMANTIC}
+        fields = {k: v for k, v in msgspec.to_builtins(step).items() if k not in _NON_SEMANTIC}
         inputs: Json = {"epoch": self.settings.epoch}
         details: dict[str, dict[str, str]] = {}
         if isinstance(step, RunStep):

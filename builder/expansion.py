@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from builder.errors import ExpansionError
 
@@ -29,8 +30,7 @@ _MAX_DEPTH = 100
 _SHOWN = 80  # characters of the source an error message quotes
 
 
-@dataclass(frozen=True)
-class Expanded:
+class Expanded(Struct, frozen=True):
     """The result of expanding one word."""
 
     text: str

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
+
+from msgspec import Struct
 
 from builder.errors import BuilderError, LayerError
 from builder.images import reference
@@ -47,8 +48,7 @@ _ALIASES = {"docker-archive": "docker"}
 _OUTPUT_KEYS = frozenset({"type", "dest", "name", "compression", "compression-level"})
 
 
-@dataclass(frozen=True)
-class Output:
+class Output(Struct, frozen=True):
     """One output: ``kind`` (a key of :data:`OUTPUT_KINDS`) and where and how to write it."""
 
     kind: str

@@ -16,8 +16,9 @@ import posixpath
 import re
 import shutil
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
+
+from msgspec import Struct
 
 from builder.errors import ContextError
 
@@ -29,16 +30,14 @@ _GIT_TIMEOUT = 600
 _HASHES = {"sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
 
 
-@dataclass(frozen=True)
-class Fetched:
+class Fetched(Struct, frozen=True):
     """A fetched source in the scratch dir: the file or checkout, and what names its content."""
 
     path: Path
     digest: str  # sha256:<hex> of a file, or the commit of a checkout
 
 
-@dataclass(frozen=True)
-class GitSource:
+class GitSource(Struct, frozen=True):
     remote: str
     ref: str  # "" for the remote's default branch
     subdir: str

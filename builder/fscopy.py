@@ -20,8 +20,9 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+from msgspec import Struct
 
 from builder.errors import ContextError
 from builder.rootpath import is_real_dir, resolve_in_root
@@ -52,8 +53,7 @@ _CLASS_BITS = {"u": 0o700, "g": 0o070, "o": 0o007}
 _CLASS_SPECIAL = {"u": 0o4000, "g": 0o2000, "o": 0}
 
 
-@dataclass(frozen=True, slots=True)
-class CopyEntry:
+class CopyEntry(Struct, frozen=True):
     """One path of a source as a single look saw it; the cache key and the copy both use it.
 
     The fields of its lstat that a copy needs, not the whole stat_result, and its host path in
@@ -138,8 +138,7 @@ def check_unchanged(fd: int, entry: CopyEntry) -> None:
         raise ContextError(f"{entry.path} changed during the build; build again when it is settled.")
 
 
-@dataclass(frozen=True)
-class CopySource:
+class CopySource(Struct, frozen=True):
     """A file, link or directory to copy; ``children`` lists a directory's contents.
 
     ``top`` is the source itself as the cache key saw it (None: looked at when copied).
@@ -155,8 +154,7 @@ class CopySource:
     top: CopyEntry | None = None
 
 
-@dataclass(frozen=True)
-class Chmod:
+class Chmod(Struct, frozen=True):
     """A ``--chmod`` value: an octal mode, or chmod(1) symbolic clauses such as ``u+x,g-w``.
 
     A symbolic clause without ``ugoa`` applies to all (no umask is involved, as in BuildKit).

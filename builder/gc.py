@@ -13,8 +13,9 @@ import re
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
+
+from msgspec import Struct
 
 from builder.digest import is_digest
 from builder.errors import BuilderError, StoreError
@@ -52,16 +53,14 @@ def parse_duration(text: str) -> float:
     return float(sum(int(n) * _SECONDS[u] for n, u in parts))
 
 
-@dataclass(frozen=True)
-class PruneResult:
+class PruneResult(Struct, frozen=True):
     records: int
     blobs: int
     snapshots: int
     reclaimed: int  # bytes
 
 
-@dataclass(frozen=True)
-class DiskUsage:
+class DiskUsage(Struct, frozen=True):
     blobs: int
     blob_bytes: int
     snapshots: int

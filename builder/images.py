@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
+
+from msgspec import Struct
 
 from builder.digest import is_digest
 from builder.errors import StoreError
@@ -42,8 +43,7 @@ _ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "p
 _DEFAULT_VARIANTS = {"arm64": "v8", "arm": "v7"}
 
 
-@dataclass(frozen=True)
-class Platform:
+class Platform(Struct, frozen=True):
     """An OCI platform: ``linux/amd64``, ``linux/arm64/v8``."""
 
     os: str
@@ -153,8 +153,7 @@ def tagged_images(store: Store) -> Iterator[tuple[Reference, str]]:
             continue  # a tag file someone else wrote; not ours to list
 
 
-@dataclass(frozen=True)
-class HistoryEntry:
+class HistoryEntry(Struct, frozen=True):
     created: str
     created_by: str
     size: int | None  # the layer blob's size; None for a step that added no layer

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
+
+from msgspec import Struct
 
 from builder.dockerfile import (
     GO_SPACE,
@@ -78,8 +79,7 @@ class InvalidValue(ValueError):
     """A value is not valid; the caller adds the file and line."""
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(Struct, frozen=True):
     """A checked instruction; subclasses hold its arguments, still unexpanded."""
 
     ins: Instruction
@@ -89,36 +89,31 @@ class Command:
         return self.ins.keyword
 
 
-@dataclass(frozen=True)
-class FromCommand(Command):
+class FromCommand(Command, frozen=True):
     image: str
     name: str | None
     platform: str | None
 
 
-@dataclass(frozen=True)
-class ArgCommand(Command):
+class ArgCommand(Command, frozen=True):
     pairs: tuple[tuple[str, str | None], ...]  # name and default, the default unexpanded
 
 
-@dataclass(frozen=True)
-class PairsCommand(Command):
+class PairsCommand(Command, frozen=True):
     """ENV and LABEL: key and value words, both expanded later."""
 
     pairs: tuple[tuple[str, str], ...]
     legacy: bool  # the ``ENV key value`` form
 
 
-@dataclass(frozen=True)
-class ExecCommand(Command):
+class ExecCommand(Command, frozen=True):
     """CMD, ENTRYPOINT and SHELL: the exec form's words, or the shell form's one string."""
 
     command: tuple[str, ...]
     shell_form: bool
 
 
-@dataclass(frozen=True)
-class RunCommand(ExecCommand):
+class RunCommand(ExecCommand, frozen=True):
     mounts: tuple[str, ...]  # --mount values, parsed after expansion
     network: str
     security: str
@@ -140,37 +135,32 @@ class RunCommand(ExecCommand):
         return [*shell, docs[0].text], ()
 
 
-@dataclass(frozen=True)
-class CopyCommand(Command):
+class CopyCommand(Command, frozen=True):
     sources: tuple[str, ...]
     dest: str
     contents: tuple[Heredoc, ...]  # heredoc sources, in order
     flags: Flags
 
 
-@dataclass(frozen=True)
-class ValueCommand(Command):
+class ValueCommand(Command, frozen=True):
     """WORKDIR, USER, STOPSIGNAL and MAINTAINER: the whole argument text is one value."""
 
     value: str
 
 
-@dataclass(frozen=True)
-class ListCommand(Command):
+class ListCommand(Command, frozen=True):
     """EXPOSE and VOLUME."""
 
     values: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class HealthcheckCommand(Command):
+class HealthcheckCommand(Command, frozen=True):
     test: tuple[str, ...]
     durations: tuple[tuple[str, int], ...]  # config key and nanoseconds, zero ones left out
     retries: int
 
 
-@dataclass(frozen=True)
-class OnbuildCommand(Command):
+class OnbuildCommand(Command, frozen=True):
     expression: str  # what the image config records: the instruction after ONBUILD
     trigger: Command
 

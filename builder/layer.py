@@ -19,10 +19,11 @@ import stat
 import tarfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol, cast
+
+from msgspec import Struct
 
 from builder.digest import HashingWriter
 from builder.errors import LayerError
@@ -84,8 +85,7 @@ _CAPABILITY = "security.capability"
 _UTF8 = ("utf-8", "surrogateescape")
 
 
-@dataclass(frozen=True)
-class Compression:
+class Compression(Struct, frozen=True):
     """One way to store a layer blob: a row of :data:`COMPRESSIONS`."""
 
     name: str
@@ -113,8 +113,7 @@ COMPRESSIONS: Mapping[str, Compression] = MappingProxyType(
 )
 
 
-@dataclass(frozen=True)
-class LayerBlob:
+class LayerBlob(Struct, frozen=True):
     """A layer as written: ``diff_id`` names the tar, ``digest`` and ``size`` the blob."""
 
     diff_id: str

@@ -8,12 +8,12 @@ as written (see :func:`mount_from`). Pure.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import posixpath
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
+
+from msgspec import Struct, structs
 
 from builder.dockerfile import suggest
 from builder.instructions import InvalidValue
@@ -21,8 +21,7 @@ from builder.instructions import InvalidValue
 __all__ = ["Mount", "mount_from", "parse_mount"]
 
 
-@dataclass(frozen=True)
-class Mount:
+class Mount(Struct, frozen=True):
     """A ``RUN --mount``, defaults filled in; ``target`` is absolute (empty for an env-only secret)."""
 
     type: str  # bind | cache | tmpfs | secret | ssh
@@ -178,7 +177,7 @@ def _mount_defaults(mount: Mount, ssh_index: int) -> Mount:
             "id": mount.id or "default",
             "target": mount.target or f"/run/buildkit/ssh_agent.{ssh_index}",
         }
-    return dataclasses.replace(mount, **changes)
+    return structs.replace(mount, **changes)
 
 
 def mount_from(spec: str) -> str | None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
+
+from msgspec import Struct
 
 from builder.digest import sha256_digest
 
@@ -122,8 +123,7 @@ _REFERENCE = re.compile(
 DEFAULT_REGISTRY = "docker.io"
 
 
-@dataclass(frozen=True)
-class Reference:
+class Reference(Struct, frozen=True):
     """An image reference, normalised as Docker normalises it."""
 
     registry: str

@@ -13,8 +13,9 @@ import posixpath
 import re
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
 from enum import Enum
+
+from msgspec import Struct
 
 __all__ = ["BadPatternError", "PatternMatcher", "clean", "go_match", "has_wildcards"]
 
@@ -164,8 +165,7 @@ class _Kind(Enum):
 _REGEX_ESCAPE = frozenset(".+()|{}$")
 
 
-@dataclass(frozen=True)
-class _Pattern:
+class _Pattern(Struct, frozen=True):
     text: str  # cleaned, without the leading "!"
     exclusion: bool
     kind: _Kind
@@ -235,8 +235,7 @@ def _compile(text: str) -> tuple[_Kind, re.Pattern[str] | None]:
         raise BadPatternError(str(exc)) from exc
 
 
-@dataclass(frozen=True)
-class PatternMatcher:
+class PatternMatcher(Struct, frozen=True):
     """A list of ``.dockerignore``-style patterns; :meth:`matches` is MatchesOrParentMatches."""
 
     patterns: tuple[_Pattern, ...]

@@ -11,12 +11,12 @@ arguments.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import posixpath
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from msgspec import NODEFAULT, Struct, field, structs
 
 from builder.dockerfile import GO_SPACE, Dockerfile, parse_dockerfile
 from builder.errors import BuilderError, DockerfileError, ExpansionError
@@ -75,8 +75,7 @@ _PROXIES = ("HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "NO_PROXY", "ALL_PROXY")
 PROXY_ARGS = frozenset(name for base in _PROXIES for name in (base, base.lower()))
 
 
-@dataclass(frozen=True)
-class RunStep:
+class RunStep(Struct, frozen=True):
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...]
     user: str
@@ -91,8 +90,7 @@ class RunStep:
     files: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True)
-class CopyStep:
+class CopyStep(Struct, frozen=True):
     sources: tuple[str, ...]
     dest: str  # absolute; a trailing "/" means "into this directory"
     from_stage: int | None
@@ -111,16 +109,14 @@ class CopyStep:
     unpack: bool | None = None  # ADD: None leaves the default (local archives only)
 
 
-@dataclass(frozen=True)
-class WorkdirStep:
+class WorkdirStep(Struct, frozen=True):
     path: str
     line: int
     created_by: str
     user: str = ""  # BuildKit creates missing directories as the current USER
 
 
-@dataclass(frozen=True)
-class ConfigStep:
+class ConfigStep(Struct, frozen=True):
     """A metadata-only instruction: it never touches the file system."""
 
     line: int
@@ -130,8 +126,7 @@ class ConfigStep:
 Step = RunStep | CopyStep | WorkdirStep | ConfigStep
 
 
-@dataclass(frozen=True)
-class Stage:
+class Stage(Struct, frozen=True):
     index: int
     name: str | None
     base_image: str | None  # an image reference, or None for scratch and stage bases
@@ -155,8 +150,7 @@ class Stage:
         return tuple(sorted(deps))
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(Struct, frozen=True):
     stages: tuple[Stage, ...]
     target: int
     order: tuple[int, ...]  # the stages the target needs, dependencies first
@@ -178,16 +172,16 @@ class Plan:
 
 
 def _data(value: Any, skip: str = "") -> Any:
-    """Dataclasses as dicts without the fields at their default (nor ``skip``); tuples as lists."""
+    """Structs as dicts without the fields at their default (nor ``skip``); tuples as lists."""
     if isinstance(value, str | int | float) or value is None:
         return value
     if isinstance(value, list | tuple):
         return [_data(item) for item in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    if isinstance(value, Struct):
         return {
             f.name: _data(getattr(value, f.name))
-            for f in dataclasses.fields(value)
-            if f.name != skip and (f.default is dataclasses.MISSING or getattr(value, f.name) != f.default)
+            for f in structs.fields(value)
+            if f.name != skip and (f.default is NODEFAULT or getattr(value, f.name) != f.default)
         }
     return value
 
@@ -272,8 +266,8 @@ class _Planner:
             state.dispatch(self.trigger(text, header))
         for cmd in self.parsed.bodies[index]:
             state.dispatch(cmd)
-        stage = dataclasses.replace(_unbuilt(index, header), steps=tuple(state.steps), built=True)
-        self.stages[index] = dataclasses.replace(stage, config=state.config, author=state.author)
+        stage = structs.replace(_unbuilt(index, header), steps=tuple(state.steps), built=True)
+        self.stages[index] = structs.replace(stage, config=state.config, author=state.author)
         self.variables[index] = state.vars
 
     def trigger(self, text: str, header: StageHeader) -> Command:
@@ -284,7 +278,7 @@ class _Planner:
             triggered = parse_dockerfile(text, df.filename)
             if len(triggered.instructions) != 1:
                 raise DockerfileError("a trigger is a single instruction.")
-            ins = dataclasses.replace(triggered.instructions[0], line=line, end_line=line)
+            ins = structs.replace(triggered.instructions[0], line=line, end_line=line)
             cmd = parse_command(ins, triggered)
             if ins.keyword in ("FROM", "ONBUILD", "MAINTAINER"):
                 raise DockerfileError(f"ONBUILD cannot trigger {ins.keyword}.")
@@ -297,8 +291,7 @@ class _Planner:
         return cmd
 
 
-@dataclass
-class _StageState:
+class _StageState(Struct):
     """The running state of one stage while its instructions are dispatched."""
 
     planner: _Planner
@@ -499,7 +492,7 @@ class _StageState:
         created_by = f"RUN {' '.join(argv) if cmd.shell_form else cmd.ins.args}"
         user = str(self.config.get("User") or "")
         step = RunStep(tuple(argv), self.run_env(), user, self.workdir, cmd.network, cmd.ins.line, created_by)
-        self.steps.append(dataclasses.replace(step, mounts=tuple(mounts), security=cmd.security, files=files))
+        self.steps.append(structs.replace(step, mounts=tuple(mounts), security=cmd.security, files=files))
 
     def mount_context(self, cmd: RunCommand, ssh: int) -> dict[str, Any]:
         def resolve(ref: str) -> tuple[int | None, str | None]:
@@ -527,7 +520,7 @@ class _StageState:
         step = CopyStep(
             sources, dest, from_stage, from_image, chown, chmod, inline, cmd.ins.line, cmd.ins.source
         )
-        self.steps.append(dataclasses.replace(step, **self.copy_options(cmd, sources)))
+        self.steps.append(structs.replace(step, **self.copy_options(cmd, sources)))
 
     def do_add(self, cmd: CopyCommand) -> None:
         self.do_copy(cmd)

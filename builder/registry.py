@@ -18,9 +18,10 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
+
+from msgspec import Struct
 
 from builder.credentials import DOCKER_HUB, Credentials, docker_config_path, load_credentials
 from builder.digest import is_digest, sha256_digest
@@ -59,8 +60,7 @@ _READ = 1 << 20
 _CHALLENGE_PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^\s,]+))')
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(Struct, frozen=True):
     """A manifest or index as the registry sent it: its bytes are what the digest names."""
 
     media_type: str
@@ -77,8 +77,7 @@ class Manifest:
         return value
 
 
-@dataclass(frozen=True)
-class RegistryOptions:
+class RegistryOptions(Struct, frozen=True):
     """How to reach registries: which speak plain HTTP, where the credentials are."""
 
     insecure: tuple[str, ...] = ()  # hosts (host[:port]) reached over plain HTTP
@@ -112,8 +111,7 @@ class _Transient(Exception):
     """A failure worth retrying: a connection error or a 429/5xx answer."""
 
 
-@dataclass
-class _Token:
+class _Token(Struct):
     authorization: str | None = None
     scopes: frozenset[str] = frozenset()
     scheme: str = ""

@@ -20,8 +20,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+from msgspec import Struct
 
 from builder.digest import digest_hex
 from builder.errors import LayerError, StoreError
@@ -47,8 +48,7 @@ _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 _libc.unshare.argtypes = (ctypes.c_int,)
 
 
-@dataclass(frozen=True)
-class Mounted:
+class Mounted(Struct, frozen=True):
     """An overlay mount: ``merged`` is the root file system, ``upper`` holds the changes."""
 
     merged: Path

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from msgspec import Struct
 
 from builder.dockerfile import GO_SPACE, Dockerfile, suggest
 from builder.errors import BuilderError, DockerfileError, ExpansionError
@@ -79,8 +80,7 @@ def parse_build_args(items: Iterable[str], environ: Mapping[str, str]) -> dict[s
     return args
 
 
-@dataclass(frozen=True)
-class StageHeader:
+class StageHeader(Struct, frozen=True):
     """A FROM line resolved in the global scope."""
 
     cmd: FromCommand
@@ -89,8 +89,7 @@ class StageHeader:
     base_stage: int | None
 
 
-@dataclass(frozen=True)
-class ParsedStages:
+class ParsedStages(Struct, frozen=True):
     """A Dockerfile's instructions checked and grouped by stage, its FROM lines resolved."""
 
     dockerfile: Dockerfile

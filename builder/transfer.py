@@ -16,9 +16,10 @@ import stat
 import tarfile
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+
+from msgspec import Struct
 
 from builder.buildcontext import BuildContext, Source, digest_entry, filtered_walk, match_root
 from builder.errors import BuilderError, ContextError
@@ -44,8 +45,7 @@ __all__ = ["run_copy", "source_digests"]
 _ROOT = Identity(0, 0)
 
 
-@dataclass(frozen=True)
-class _Item:
+class _Item(Struct, frozen=True):
     """One source to write: copied, or unpacked when it is a local archive ADD opens."""
 
     source: CopySource

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+
+from msgspec import Struct
 
 from builder.errors import BuilderError
 from builder.rootpath import resolve_in_root
@@ -11,8 +12,7 @@ from builder.rootpath import resolve_in_root
 __all__ = ["Identity", "resolve_chown", "resolve_user"]
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(Struct, frozen=True):
     uid: int
     gid: int
     groups: tuple[int, ...] = ()

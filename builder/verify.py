@@ -12,7 +12,6 @@ copied into the store, tagged and written out as a plain build would; when they 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -21,6 +20,8 @@ from collections.abc import Callable, Iterator
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from msgspec import Struct, structs
 
 from builder.build import BuildRequest, BuildResult, build, plan_build, publish, source_date_epoch
 from builder.errors import BuilderError, LayerError
@@ -42,8 +43,7 @@ class NotReproducible(BuilderError):
     """Two builds of the same inputs gave different images; the message names the first difference."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _Built:
+class _Built(Struct, frozen=True):
     store: Store
     result: BuildResult
 
@@ -56,7 +56,7 @@ def verify_build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
             "--build-arg SOURCE_DATE_EPOCH=N or the environment); without it every build "
             "records its own time."
         )
-    clean = dataclasses.replace(request, tags=(), outputs=(), no_cache=True, cache_from=(), cache_to=())
+    clean = structs.replace(request, tags=(), outputs=(), no_cache=True, cache_from=(), cache_to=())
     with store.lease(), contextlib.ExitStack() as stack:  # a prune waits until the image is tagged
         _, images = plan_build(request, store, log)
         first = _build_clean(stack, clean, store, sorted(images), "1/2", log)
