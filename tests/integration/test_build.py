@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -106,6 +107,15 @@ def test_built_image_is_a_base_for_the_next_build(tmp_path: Path, store: Path) -
     out = tmp_path / "oci"
     run_builder("build", "-t", "app:1", "-o", f"type=oci,dest={out}", str(second), root=store)
     assert layer_members(out, "1")[-1] == ["two"]
+
+
+def test_a_store_root_given_relative_to_the_working_dir_builds(tmp_path: Path, store: Path) -> None:
+    """Overlay mount options and mount points need absolute paths: ``--root store`` works."""
+    context = _context(tmp_path, "FROM busybox:latest\nRUN echo hi > /hi\n")
+    argv = [sys.executable, "-m", "builder", "build", "--root", store.name, "-t", "rel:1", str(context)]
+    proc = subprocess.run(argv, cwd=store.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert run_builder("images", root=store).stdout.split().count("rel") == 1
 
 
 def test_unchanged_rebuild_runs_nothing_and_keeps_the_digest(tmp_path: Path, store: Path) -> None:
