@@ -126,17 +126,17 @@ def report(path: str) -> None:
 
 def main() -> int:
     install()
-    from builder import cli
+    from builder import __main__ as command  # the console script's entry, with its gc settings
 
     profile_out = os.environ.get("BENCH_CPROFILE")
     try:
         if not profile_out:
-            return cli.main(sys.argv[1:])
+            return command.main(sys.argv[1:])
         import cProfile
 
         profiler = cProfile.Profile()
         try:
-            return int(profiler.runcall(cli.main, sys.argv[1:]))
+            return int(profiler.runcall(command.main, sys.argv[1:]))
         finally:
             profiler.dump_stats(profile_out)
     finally:
