@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import functools
 import json
 import os
@@ -35,9 +34,8 @@ import signal
 import stat
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 __all__ = [
     "SETUP_FAILED",
@@ -102,23 +100,21 @@ _libc.sethostname.argtypes = (ctypes.c_char_p, ctypes.c_size_t)
 _libc.prctl.argtypes = (ctypes.c_int,) + (ctypes.c_ulong,) * 4
 
 
-@dataclass(frozen=True)
-class BindMount:
-    """A host path mounted into the container (the future ``RUN --mount=type=bind|cache``)."""
+# The values below are named tuples, not dataclasses: this module is on the path of every RUN,
+# and importing dataclasses (with inspect) and making a class with it cost 8 ms there.
+
+
+class BindMount(NamedTuple):
+    """A host path mounted into the container (``RUN --mount=type=bind|cache|secret``)."""
 
     source: str  # host path
     target: str  # absolute path inside the container
     readonly: bool = True
 
-    def __post_init__(self) -> None:
-        _expect(_is_abs(self.source), f"bind source {self.source!r} must be an absolute path")
-        _expect(_is_abs(self.target), f"bind target {self.target!r} must be an absolute path")
-        _expect(isinstance(self.readonly, bool), "bind readonly must be true or false")
 
-
-@dataclass(frozen=True)
-class SandboxSpec:
-    """Everything one sandboxed command needs; JSON-serialisable so the script can take it."""
+class SandboxSpec(NamedTuple):
+    """Everything one sandboxed command needs; JSON-serialisable so the script can take it.
+    It is checked (:meth:`checked`) where it is read: ``from_json``, as every spec arrives."""
 
     root: str  # host path of the merged overlay dir, already mounted by the caller
     argv: tuple[str, ...]
@@ -133,7 +129,8 @@ class SandboxSpec:
     resolv_conf: str = ""  # content of /etc/resolv.conf; "" = a copy of the host's
     binds: tuple[BindMount, ...] = ()
 
-    def __post_init__(self) -> None:
+    def checked(self) -> SandboxSpec:
+        """This spec, if every field is valid; else ValueError naming the first that is not."""
         texts = (self.root, self.cwd, self.hostname, self.network, self.hosts, self.resolv_conf)
         _expect(all(isinstance(text, str) for text in texts), "text fields must be strings")
         _expect(_is_abs(self.root) and _is_abs(self.cwd), "root and cwd must be absolute paths")
@@ -153,9 +150,14 @@ class SandboxSpec:
         _expect(self.network in _NETWORKS, f"network must be one of {', '.join(_NETWORKS)}")
         binds = isinstance(self.binds, tuple)
         _expect(binds and all(isinstance(b, BindMount) for b in self.binds), "bad binds")
+        for bind in self.binds:
+            _expect(_is_abs(bind.source), f"bind source {bind.source!r} must be an absolute path")
+            _expect(_is_abs(bind.target), f"bind target {bind.target!r} must be an absolute path")
+            _expect(isinstance(bind.readonly, bool), "bind readonly must be true or false")
+        return self
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+        return json.dumps({**self._asdict(), "binds": [bind._asdict() for bind in self.binds]})
 
     @classmethod
     def from_json(cls, text: str) -> SandboxSpec:
@@ -164,7 +166,7 @@ class SandboxSpec:
         except json.JSONDecodeError as e:
             raise ValueError(f"invalid sandbox spec: not JSON ({e}).") from None
         _expect(isinstance(data, dict), "the spec must be a JSON object")
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        unknown = sorted(set(data) - set(cls._fields))
         _expect(not unknown, f"unknown fields {', '.join(unknown)}")
         # JSON has lists where the spec has tuples (and dicts where it has BindMounts).
         convert: dict[str, Callable[[list[Any]], object]]
@@ -173,9 +175,10 @@ class SandboxSpec:
             for name, to_tuple in convert.items():
                 if isinstance(data.get(name), list):
                     data[name] = to_tuple(data[name])
-            return cls(**data)
+            spec = cls(**data)
         except TypeError as e:
             raise ValueError(f"invalid sandbox spec: {e}.") from None
+        return spec.checked()
 
     def describe(self) -> str:
         """A shell command line that replays this step by hand (as root, root still mounted)."""
@@ -229,7 +232,7 @@ class Sandbox:
             raise SetupError(f"the root {spec.root} is not a directory.")
         if os.path.realpath(spec.root) == "/":
             raise SetupError("the root must not be the host's own root directory.")
-        self.spec = spec
+        self.spec = spec.checked()
         self._env = dict(spec.env)
         self._pivot_root = _pivot_root_syscall()
         os.umask(0o022)  # for the stubs and a missing working directory, as for the command
@@ -516,8 +519,7 @@ def _exec(argv: tuple[str, ...], env: dict[str, str]) -> NoReturn:
     raise SetupError(f"{name}: command not found{where}.", _NOT_FOUND)
 
 
-@dataclass(frozen=True)
-class _MountPoints:
+class _MountPoints(NamedTuple):
     """Host paths, inside the root, of everything init mounts on."""
 
     proc: str

@@ -35,7 +35,6 @@ import struct
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from types import FrameType
 from typing import IO, Any, NoReturn
 
@@ -386,13 +385,17 @@ def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
     raise _Stopped
 
 
-@dataclass(eq=False)  # one per sandbox: compared and hashed by identity
 class _Child:
-    sandbox: Sandbox
-    pid: int  # of its init
-    pidfd: int  # readable once init and all its PID namespace have ended
-    sock: socket.socket  # the server's end of the request
-    watched: bool = True  # whether the poll set still has sock (it leaves on hang-up)
+    """One running sandbox of the server's (compared and hashed by identity)."""
+
+    __slots__ = ("pid", "pidfd", "sandbox", "sock", "watched")
+
+    def __init__(self, sandbox: Sandbox, pid: int, pidfd: int, sock: socket.socket) -> None:
+        self.sandbox = sandbox
+        self.pid = pid  # of its init
+        self.pidfd = pidfd  # readable once init and all its PID namespace have ended
+        self.sock = sock  # the server's end of the request
+        self.watched = True  # whether the poll set still has sock (it leaves on hang-up)
 
 
 class _Children:

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -94,7 +94,7 @@ def test_describe_round_trips_through_shlex() -> None:
 )
 def test_spec_rejects_bad_values(change: dict[str, object], problem: str) -> None:
     with pytest.raises(ValueError, match=f"invalid sandbox spec: .*{problem}"):
-        replace(full_spec(), **change)
+        full_spec()._replace(**change).checked()
 
 
 @pytest.mark.parametrize(
@@ -482,7 +482,7 @@ def test_missing_and_unrunnable_commands_fail_like_a_shell(rootfs: Rootfs) -> No
 
 @needs_root
 def test_setup_failures_exit_125_with_one_sentence(rootfs: Rootfs, tmp_path: Path) -> None:
-    spec = replace(rootfs.spec("true"), root=str(tmp_path / "missing"))
+    spec = rootfs.spec("true")._replace(root=str(tmp_path / "missing"))
     result = rootfs.run_spec(spec)
     assert result.status == SETUP_FAILED
     assert result.err == f"sandbox: the root {tmp_path}/missing is not a directory.\n"
