@@ -12,13 +12,11 @@ to that file. Standard library only, apart from the product itself.
 from __future__ import annotations
 
 import functools
-import importlib.abc
 import json
 import os
 import sys
 import time
 from collections.abc import Callable
-from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -78,28 +76,29 @@ def _install(module: ModuleType) -> None:
             setattr(owner, attribute, _wrap(func, phase))
 
 
-class _HookFinder(importlib.abc.MetaPathFinder):
-    """Finds the hooked modules through the other finders and hooks them once they have run."""
+class _HookFinder:
+    """Finds the hooked modules through the other finders and hooks them once they have run
+    (a meta path finder by protocol: importlib.abc would cost the measured command 2 ms)."""
 
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> ModuleSpec | None:
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         if fullname not in {name for name, _, _ in HOOKS}:
             return None
         for finder in sys.meta_path:
             spec = finder.find_spec(fullname, path, target) if finder is not self else None
-            if spec is not None and isinstance(spec.loader, importlib.abc.Loader):
+            if spec is not None and hasattr(spec.loader, "exec_module"):
                 _hook_loader(spec.loader)
                 return spec
         return None
 
 
-def _hook_loader(loader: importlib.abc.Loader) -> None:
+def _hook_loader(loader: Any) -> None:
     execute = loader.exec_module
 
     def exec_module(module: ModuleType) -> None:
         execute(module)
         _install(module)
 
-    loader.exec_module = exec_module  # type: ignore[method-assign]
+    loader.exec_module = exec_module
 
 
 def install() -> None:
