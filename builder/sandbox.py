@@ -226,13 +226,13 @@ class Sandbox:
     """
 
     def __init__(self, spec: SandboxSpec) -> None:
+        self.spec = spec.checked()
         if os.geteuid() != 0:
             raise SetupError("the sandbox needs root; rootless builds are not supported yet.")
         if not os.path.isdir(spec.root):
             raise SetupError(f"the root {spec.root} is not a directory.")
         if os.path.realpath(spec.root) == "/":
             raise SetupError("the root must not be the host's own root directory.")
-        self.spec = spec.checked()
         self._env = dict(spec.env)
         self._pivot_root = _pivot_root_syscall()
         os.umask(0o022)  # for the stubs and a missing working directory, as for the command
