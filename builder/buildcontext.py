@@ -243,7 +243,7 @@ class BuildContext:
     """A context directory with its ignore rules."""
 
     def __init__(self, root: Path, ignore: IgnoreRules, sums: FileSums | None = None) -> None:
-        self.root = root
+        self.root = Path(os.path.abspath(root))  # bind mounts of it need an absolute path
         self.ignore = ignore
         self.sums = sums or FileSums()
         self._tops: dict[Path, CopyEntry] = {}

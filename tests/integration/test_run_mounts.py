@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,18 @@ def test_bind_mount_from_the_context_is_read_only_and_keyed_by_content(tmp_path:
     (tmp_path / "context/src/a").write_text("two\n")
     again = run_builder("build", str(tmp_path / "context"), root=store)
     assert "(1 steps run)" in again.stderr, "a changed bound file must miss the cache"
+
+
+def test_bind_mount_from_a_context_given_as_a_relative_path(tmp_path: Path, store: Path) -> None:
+    """``builder build ctx`` with a relative ``ctx``: the bind mount's source is made absolute."""
+    (tmp_path / "ctx" / "src").mkdir(parents=True)
+    (tmp_path / "ctx" / "src" / "a").write_text("one\n")
+    dockerfile = "FROM busybox:latest\nRUN --mount=type=bind,source=src,target=/src cat /src/a > /copied\n"
+    (tmp_path / "ctx" / "Dockerfile").write_text(dockerfile)
+    argv = [sys.executable, "-m", "builder", "build", "--root", str(store), "-t", "rel:1", "ctx"]
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "(1 steps run)" in proc.stderr
 
 
 def test_secret_is_readable_but_never_stored(tmp_path: Path, store: Path) -> None:
