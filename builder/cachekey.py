@@ -12,15 +12,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
 from msgspec import Struct, field
 
 from builder.digest import sha256_digest
 from builder.oci import canonical_json
 
-__all__ = ["CACHE_RECIPE", "CacheKey", "base_key", "explain_miss", "step_key"]
+__all__ = ["CACHE_RECIPE", "CacheKey", "base_key", "explain_miss", "step_fields", "step_key"]
 
 # Bump when the meaning of a key changes: it costs every user their cache, so rarely.
 CACHE_RECIPE = "builder-cache-v1"
+_NON_SEMANTIC = frozenset({"line", "created_by"})  # where a step is written, not what it does
 _MAX_NAMED = 5
 _FIELD_NAMES = {
     "argv": "the command",
@@ -55,6 +57,12 @@ def _hash(value: Any) -> str:
 def base_key(diff_ids: list[str]) -> str:
     """The parent key of a stage's first step: the base image's layers."""
     return _hash({"recipe": CACHE_RECIPE, "base": diff_ids})
+
+
+def step_fields(step: Struct) -> dict[str, Any]:
+    """A planned step's semantic fields, every one (defaults included), nested values as
+    dicts; canonical JSON writes the tuples as arrays."""
+    return {k: v for k, v in msgspec.to_builtins(step).items() if k not in _NON_SEMANTIC}
 
 
 def step_key(

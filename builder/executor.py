@@ -24,11 +24,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import msgspec
 from msgspec import Struct, field
 
 from builder.buildcontext import BuildContext, digest_entry
-from builder.cachekey import CacheKey, base_key, explain_miss, step_key
+from builder.cachekey import CacheKey, base_key, explain_miss, step_fields, step_key
 from builder.digest import sha256_digest
 from builder.errors import BuilderError, ContextError, SandboxError, StepFailed
 from builder.fscopy import make_dirs
@@ -43,7 +42,6 @@ from builder.users import Identity, resolve_user
 __all__ = ["BuildSettings", "ImageState", "Layer", "StageExecutor"]
 
 HISTORY_COMMENT = "builder.dockerfile.v0"
-_NON_SEMANTIC = frozenset({"line", "created_by"})
 
 _ROOT = Identity(0, 0)
 Json = dict[str, Any]
@@ -263,7 +261,7 @@ class StageExecutor:
     # cache
 
     def _key(self, parent: str, step: Step, sources: Mapping[int | str, ImageState]) -> CacheKey:
-        fields = {k: v for k, v in msgspec.to_builtins(step).items() if k not in _NON_SEMANTIC}
+        fields = step_fields(step)
         inputs: Json = {"epoch": self.settings.epoch}
         details: dict[str, dict[str, str]] = {}
         if isinstance(step, RunStep):
