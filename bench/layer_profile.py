@@ -103,7 +103,8 @@ def _cpu_children() -> float:
 
 def run_mode(mode: str, tree: Path, out_dir: Path) -> tuple[float, float, int]:
     """One mode: (wall s, CPU s, bytes written)."""
-    from builder import layer  # imported late: the source tree is chosen at run time
+    from builder import compression as codecs  # imported late: the source tree is chosen at run time
+    from builder import layer
     from builder.digest import HashingWriter
 
     started, cpu = time.perf_counter(), _cpu() + _cpu_children()
@@ -131,7 +132,7 @@ def run_mode(mode: str, tree: Path, out_dir: Path) -> tuple[float, float, int]:
     else:
         path = out_dir / f"blob-{mode}"
         with path.open("wb") as dest:
-            blob = layer.write_layer(tree, [], dest, compression=layer.COMPRESSIONS[mode])
+            blob = layer.write_layer(tree, [], dest, compression=codecs.COMPRESSIONS[mode])
             dest.flush()
             os.fsync(dest.fileno())
         size = blob.size if blob else 0
@@ -141,9 +142,10 @@ def run_mode(mode: str, tree: Path, out_dir: Path) -> tuple[float, float, int]:
 
 def time_calls(mode: str, tree: Path, calls: int) -> float:
     """The best of five rounds of ``calls`` write_layer calls into memory: seconds per call."""
-    from builder import layer  # imported late: the source tree is chosen at run time
+    from builder import compression as codecs  # imported late: the source tree is chosen at run time
+    from builder import layer
 
-    compression = layer.COMPRESSIONS[mode]
+    compression = codecs.COMPRESSIONS[mode]
 
     def call() -> None:
         layer.write_layer(tree, [], io.BytesIO(), compression=compression)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from msgspec import Struct, field, structs
 
 from builder.buildcontext import BuildContext, FileSums
+from builder.compression import COMPRESSIONS
 from builder.digest import sha256_digest
 from builder.distribution import fetch_image
 from builder.dockerfile import parse_dockerfile
@@ -22,7 +23,6 @@ from builder.errors import BuilderError, DockerfileError, StoreError
 from builder.executor import BuildSettings, ImageState, Layer, StageExecutor
 from builder.export import Output, write_output
 from builder.images import host_arch, resolve_image
-from builder.layer import COMPRESSIONS
 from builder.oci import (
     CONFIG_MEDIA_TYPE,
     canonical_json,

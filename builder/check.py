@@ -29,8 +29,8 @@ from typing import Any
 
 from msgspec import Struct
 
+from builder.compression import open_layer
 from builder.digest import is_digest
-from builder.layer import open_layer
 from builder.oci import INDEX_MEDIA_TYPES, LAYER_COMPRESSIONS
 from builder.store import Store
 

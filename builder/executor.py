@@ -28,10 +28,10 @@ from msgspec import Struct, field
 
 from builder.buildcontext import BuildContext, digest_entry
 from builder.cachekey import CacheKey, base_key, explain_miss, step_fields, step_key
+from builder.compression import COMPRESSION_ANNOTATION, Compression
 from builder.digest import sha256_digest
 from builder.errors import BuilderError, ContextError, SandboxError, StepFailed
 from builder.fscopy import make_dirs
-from builder.layer import COMPRESSION_ANNOTATION, Compression, write_layer
 from builder.oci import canonical_json, format_time
 from builder.plan import ConfigStep, CopyStep, RunStep, Stage, Step, WorkdirStep
 from builder.snapshot import Mounted, Snapshotter
@@ -370,6 +370,8 @@ class StageExecutor:
         return {"created": now, "layer": layer}
 
     def _commit(self, upper: Path, diff_ids: list[str]) -> Json | None:
+        from builder.layer import write_layer  # a cached build writes none (start-up time)
+
         lowers = [self.snapshots.path(d) for d in reversed(diff_ids)]
         settings = self.settings
         with self.store.blob_writer() as writer:

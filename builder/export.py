@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from msgspec import Struct
 
+from builder.compression import COMPRESSION_ANNOTATION, COMPRESSIONS, Compression, open_layer
 from builder.errors import BuilderError, LayerError
 from builder.images import reference
-from builder.layer import COMPRESSION_ANNOTATION, COMPRESSIONS, Compression, compress_stream, open_layer
 from builder.oci import (
     CONFIG_MEDIA_TYPE,
     LAYER_COMPRESSIONS,
@@ -197,6 +197,8 @@ def layer_as(store: Store, desc: Json, diff_id: str, compression: Compression, l
     for found in (desc, *store.layer_blobs(diff_id)):
         if LAYER_COMPRESSIONS.get(found.get("mediaType", "")) == compression.name:
             return {**found, "mediaType": compression.media_type}
+    from builder.layer import compress_stream  # only a conversion needs the tar machinery
+
     with store.blob_path(desc["digest"]).open("rb") as source, store.blob_writer() as writer:
         blob = compress_stream(open_layer(source), writer.file, compression=compression, level=level)
         if blob.diff_id != diff_id:

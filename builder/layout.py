@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
+from builder.compression import COMPRESSIONS, open_layer
 from builder.digest import is_digest
 from builder.errors import StoreError
 from builder.images import ImageRecord, reference
-from builder.layer import COMPRESSIONS, open_layer
 from builder.oci import (
     CONFIG_MEDIA_TYPE,
     CONFIG_MEDIA_TYPES,

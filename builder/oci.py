@@ -46,7 +46,7 @@ DOCKER_MANIFEST_LIST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.
 IMAGE_MANIFEST_MEDIA_TYPES = (MANIFEST_MEDIA_TYPE, DOCKER_MANIFEST_MEDIA_TYPE)
 INDEX_MEDIA_TYPES = (INDEX_MEDIA_TYPE, DOCKER_MANIFEST_LIST_MEDIA_TYPE)
 CONFIG_MEDIA_TYPES = (CONFIG_MEDIA_TYPE, DOCKER_CONFIG_MEDIA_TYPE)
-# How each layer media type is compressed (names as in layer.COMPRESSIONS); Docker's types
+# How each layer media type is compressed (names as in compression.COMPRESSIONS); Docker's types
 # carry the same formats, and containerd's Docker zstd type is in use in the wild.
 LAYER_COMPRESSIONS: Mapping[str, str] = MappingProxyType(
     {

@@ -26,7 +26,6 @@ from msgspec import Struct
 
 from builder.digest import digest_hex
 from builder.errors import LayerError, StoreError
-from builder.layer import apply_blob
 from builder.signals import deferred_signals
 from builder.store import Store
 
@@ -112,6 +111,8 @@ class Snapshotter:
         blobs = self.store.layer_blobs(diff_id)
         if not blobs:
             raise StoreError(f"no stored blob holds layer {diff_id}; pull or load its image again.")
+        from builder.layer import apply_blob  # a build whose snapshots are all there unpacks none
+
         staging = None
         try:  # a name of its own: two threads may unpack the same layer at once, one wins commit
             staging = Path(tempfile.mkdtemp(dir=workdir, prefix=f"unpack-{digest_hex(diff_id)[:_SHORT]}-"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import shutil
 import stat
-import tarfile
 import tempfile
 from collections.abc import Iterable
 from functools import partial
@@ -22,6 +21,7 @@ from pathlib import Path
 from msgspec import Struct
 
 from builder.buildcontext import BuildContext, Source, digest_entry, filtered_walk, match_root
+from builder.compression import open_layer
 from builder.errors import BuilderError, ContextError
 from builder.fetch import GitSource, fetch_git, fetch_url, is_url, parse_git_source, url_filename
 from builder.fscopy import (
@@ -34,7 +34,6 @@ from builder.fscopy import (
     make_dirs,
     parse_chmod,
 )
-from builder.layer import apply_layer, open_layer
 from builder.patterns import BadPatternError, PatternMatcher, clean, has_wildcards
 from builder.plan import CopyStep
 from builder.rootpath import is_real_dir, resolve_in_root
@@ -227,6 +226,8 @@ def _destination(step: CopyStep, root: Path, count: int) -> str:
 
 def _is_archive(path: Path) -> bool:
     """Whether a regular file holds a tar stream, plain or compressed (BuildKit's isArchivePath)."""
+    import tarfile  # only ADD of a local file needs it (start-up time of the cached path)
+
     try:
         if not stat.S_ISREG(path.lstat().st_mode):
             return False
@@ -240,6 +241,8 @@ def _is_archive(path: Path) -> bool:
 
 def _unpack(source: CopySource, root: Path, dest: str, owner: Identity | None) -> None:
     """Extract an archive into the directory ``dest``; its entries keep the owners they carry."""
+    from builder.tarsafe import apply_layer  # see _is_archive
+
     make_dirs(root, dest, owner)
     target = resolve_in_root(root, dest)
     try:

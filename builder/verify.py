@@ -24,9 +24,9 @@ from typing import Any, BinaryIO
 from msgspec import Struct, structs
 
 from builder.build import BuildRequest, BuildResult, build, plan_build, publish, source_date_epoch
+from builder.compression import open_layer
 from builder.errors import BuilderError, LayerError
 from builder.images import reference, resolve_image, tag_key
-from builder.layer import open_layer
 from builder.layout import image_blobs
 from builder.store import Store
 

@@ -26,8 +26,8 @@ IMPURE_STDLIB = {"subprocess", "socket", "shutil", "tempfile", "fcntl", "ctypes"
 OWNER_OF = {
     "dockerfile_parse": {"dockerfile"},
     "yaml": {"config"},
-    "zstandard": {"layer"},
-    "isal": {"layer"},
+    "zstandard": {"compression"},
+    "isal": {"compression"},
     "http": {"registry", "fetch"},
 }
 

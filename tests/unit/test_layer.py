@@ -31,17 +31,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from builder import compression as codecs
 from builder import layer
+from builder.compression import COMPRESSIONS, open_layer
 from builder.digest import HashingWriter
 from builder.errors import LayerError
-from builder.layer import (
-    COMPRESSIONS,
-    apply_layer,
-    compress_stream,
-    diff_upperdir,
-    open_layer,
-    write_layer,
-)
+from builder.layer import compress_stream, diff_upperdir, write_layer
+from builder.tarsafe import apply_layer
 from tests.unit import tartest
 from tests.unit.tartest import char, directory, fifo, file, hardlink, symlink
 
@@ -415,12 +411,12 @@ def test_same_upper_thirty_times_gives_one_digest(scratch: Path) -> None:
 
 @pytest.mark.parametrize("compression", [GZIP, ZSTD], ids=lambda c: c.name)
 def test_compressed_bytes_do_not_depend_on_threads(
-    scratch: Path, compression: layer.Compression, monkeypatch: pytest.MonkeyPatch
+    scratch: Path, compression: codecs.Compression, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     upper = mixed_upper(scratch)
     results = set()
     for threads in sorted({1, 2, 4, os.cpu_count() or 1}):
-        monkeypatch.setattr(layer, "_threads", lambda threads=threads: threads)
+        monkeypatch.setattr(codecs, "_threads", lambda threads=threads: threads)
         out = io.BytesIO()
         blob = write_layer(upper, [], out, compression=compression)
         assert blob is not None
@@ -562,7 +558,7 @@ def test_layer_digests_are_those_of_the_previous_writer(scratch: Path, name: str
 # -- small layers: deflated in this thread, to the bytes igzip_threaded makes ------------------
 
 
-BLOCK = layer._BLOCK
+BLOCK = codecs.BLOCK
 TEXT = bytes(b"abcd \n"[i % 6] for i in range(256))  # a translate table to compressible bytes
 
 
