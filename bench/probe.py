@@ -35,7 +35,7 @@ MARKS: dict[str, float] = {}
 HOOKS: tuple[tuple[str, str, str], ...] = (
     ("builder.sandboxserver", "run_sandboxed", "run"),
     ("builder.executor", "run_copy", "copy"),
-    ("builder.executor", "write_layer", "layer"),
+    ("builder.layer", "write_layer", "layer"),
     ("builder.executor", "StageExecutor._commit", "commit"),
     ("builder.executor", "StageExecutor._key", "cache_key"),
     ("builder.snapshot", "Snapshotter.ensure", "unpack"),
