@@ -73,7 +73,12 @@ class Build:
             time.sleep(0.002)
 
     def finish(self, timeout: float = 30) -> int:
-        code = self.proc.wait(timeout=timeout)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:  # a hung build fails the test, and is not left running
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise
         self._reader.join(timeout=5)
         assert self.proc.stderr is not None
         self.proc.stderr.close()
