@@ -23,6 +23,7 @@ from typing import BinaryIO, NamedTuple, cast
 
 from builder.compression import BLOCK, Compression, LayerBlob, encoding, open_layer
 from builder.errors import LayerError
+from builder.store import write_back
 from builder.tarsafe import OPAQUE_XATTR, WHITEOUT_OPAQUE, WHITEOUT_PREFIX, apply_layer
 
 __all__ = ["apply_blob", "compress_stream", "diff_upperdir", "write_layer"]
@@ -359,6 +360,7 @@ class _TarWriter:
                 raise LayerError(f"{os.fsdecode(path)} was replaced while the layer was written.")
             if self.stream.fill_from(fd, st.st_size) != st.st_size:
                 raise LayerError(f"{os.fsdecode(path)} shrank while the layer was written.")
+            write_back(fd)  # a snapshot's file: the sync before a tag would wait to write it
         finally:
             os.close(fd)
         self.stream.write(_ZEROS[: -st.st_size % _BLOCKSIZE])

@@ -40,9 +40,8 @@ import os
 import shutil
 import stat
 import tempfile
-import threading
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -77,16 +76,19 @@ def default_root() -> Path:
     return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
 
 
-class _BlobFile(io.BufferedWriter):
-    """A blob's temp file that has the kernel write its pages back as it grows, and that starts
-    a writeback of the whole store once it is big (the snapshot a layer blob is made from is as
-    dirty as the blob), so that the sync before a tag finds little left: the disk works while
-    the layer is compressed, instead of after."""
+def write_back(fd: int, offset: int = 0) -> None:
+    """Have the kernel start writing a file's dirty pages from ``offset`` on to disk, without
+    waiting: what is written back while a build works, the sync before its tag need not wait
+    for. Advisory: a failure shows in that sync, if anywhere."""
+    _libc.sync_file_range(fd, offset, 0, _SYNC_FILE_RANGE_WRITE)
 
-    def __init__(self, fd: int, start_writeback: Callable[[], None]) -> None:
+
+class _BlobFile(io.BufferedWriter):
+    """A blob's temp file whose pages are written back as it grows (see :func:`write_back`)."""
+
+    def __init__(self, fd: int) -> None:
         super().__init__(io.FileIO(fd, "wb"))
         self._fd = fd
-        self._start_writeback = start_writeback
         self._written = 0
         self._started = 0  # where the last writeback started
 
@@ -94,10 +96,7 @@ class _BlobFile(io.BufferedWriter):
         count = super().write(data)
         self._written += count
         if self._written - self._started >= _WRITEBACK_EVERY:
-            if not self._started:
-                self._start_writeback()
-            # advisory: a failure here shows in the sync before the tag, if anywhere
-            _libc.sync_file_range(self._fd, self._started, 0, _SYNC_FILE_RANGE_WRITE)
+            write_back(self._fd, self._started)
             self._started = self._written
         return count
 
@@ -108,7 +107,7 @@ class BlobWriter:
     def __init__(self, store: Store) -> None:
         self._store = store
         fd, self.path = store.temp_file("blob-")
-        self.file: BinaryIO = _BlobFile(fd, store.start_writeback)
+        self.file: BinaryIO = _BlobFile(fd)
         self._hash = hashlib.sha256()
         self.size = 0
 
@@ -151,8 +150,6 @@ class Store:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(os.path.abspath(root))  # overlay options and mount points need it absolute
-        self._writeback: threading.Thread | None = None
-        self._writeback_lock = threading.Lock()
 
     @classmethod
     def open(cls, root: Path) -> Store:
@@ -367,35 +364,16 @@ class Store:
     def sync(self) -> None:
         """Make everything written to the store's file system durable: one syncfs(2).
         It covers other processes' unsynced writes too, which a tag set here may reach."""
-        with self._writeback_lock:
-            started = self._writeback
-        if started is not None:
-            started.join()
         try:
-            self._syncfs()
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                if _libc.syncfs(fd) != 0:
+                    code = ctypes.get_errno()
+                    raise OSError(code, os.strerror(code), str(self.root))
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise self.storage_error(exc) from exc
-
-    def start_writeback(self) -> None:
-        """Have the store's file system write its dirty pages back, in a thread of its own, so
-        that a later :meth:`sync` finds less to wait for. Errors are left for that sync."""
-        with self._writeback_lock:
-            if self._writeback is None or not self._writeback.is_alive():
-                self._writeback = threading.Thread(target=self._syncfs_quietly, name="writeback", daemon=True)
-                self._writeback.start()
-
-    def _syncfs_quietly(self) -> None:
-        with contextlib.suppress(OSError):
-            self._syncfs()
-
-    def _syncfs(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            if _libc.syncfs(fd) != 0:
-                code = ctypes.get_errno()
-                raise OSError(code, os.strerror(code), str(self.root))
-        finally:
-            os.close(fd)
 
     # locks and temp dirs
 
