@@ -11,6 +11,7 @@ to that file. Standard library only, apart from the product itself.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -123,25 +124,23 @@ def report(path: str) -> None:
     Path(path).write_text(json.dumps(document, sort_keys=True))
 
 
-def main() -> int:
+def main() -> None:
     install()
+    if out := os.environ.get("BENCH_PHASES"):
+        # The command ends the process itself (os._exit), after running the exit handlers.
+        atexit.register(report, out)
     from builder import __main__ as command  # the console script's entry, with its gc settings
 
     profile_out = os.environ.get("BENCH_CPROFILE")
-    try:
-        if not profile_out:
-            return command.main(sys.argv[1:])
-        import cProfile
+    if not profile_out:
+        command.main(sys.argv[1:])
+    import cProfile
 
-        profiler = cProfile.Profile()
-        try:
-            return int(profiler.runcall(command.main, sys.argv[1:]))
-        finally:
-            profiler.dump_stats(profile_out)
-    finally:
-        if out := os.environ.get("BENCH_PHASES"):
-            report(out)
+    profiler = cProfile.Profile()
+    atexit.register(profiler.dump_stats, profile_out)  # runs first: exit handlers run last-in first
+    profiler.enable()
+    command.main(sys.argv[1:])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

