@@ -38,6 +38,7 @@ from engines import (
     builder_source,
     remove_tree,
 )
+from scratchfs import KINDS, scratch_filesystem
 from workloads import WORKLOADS, DebianBase, Engine, Scale, Workload
 
 BENCH = Path(__file__).resolve().parent
@@ -75,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         help="seconds to wait before each timed command for the machine to go idle (default 10, quick 0)",
     )
+    parser.add_argument(
+        "--filesystem",
+        choices=KINDS,
+        default="loop",
+        help="where both tools keep their state: a fresh journaled ext4 on a loop device mounted on "
+        "the scratch directory (loop, the default; see bench/scratchfs.py) or the scratch directory "
+        "as it is (here)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     return parser
 
@@ -96,12 +105,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="builder-bench-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    run = Run(args, scale, workdir, selected)
     try:
-        run.execute()
-        run.machine["load at the end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        with scratch_filesystem(workdir, args.filesystem, keep=args.keep) as where:
+            run = Run(args, scale, workdir, selected)
+            run.machine["scratch file system"] = where
+            try:
+                run.execute()
+                run.machine["load at the end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+            finally:
+                run.close()
+    except EngineError as exc:
+        _log(f"cannot make the scratch file system: {exc}")
+        return 2
     finally:
-        run.close()
         if not args.keep:
             remove_tree(workdir)
     run.elapsed = time.monotonic() - started
