@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 from collections.abc import Callable, Mapping
 from importlib.machinery import PathFinder
@@ -20,7 +19,7 @@ from msgspec import Struct, ValidationError, convert, field, structs, to_builtin
 from builder import dockerfile as dockerfile_module
 from builder.buildcontext import BuildContext, FileSums
 from builder.compression import COMPRESSIONS
-from builder.digest import sha256_digest
+from builder.digest import sha256_digest, sha256_hex
 from builder.distribution import fetch_image
 from builder.dockerfile import Dockerfile, parse_dockerfile
 from builder.errors import BuilderError, DockerfileError, StoreError
@@ -170,7 +169,7 @@ def _parse(store: Store, text: str, filename: str) -> Dockerfile:
 def _parser_identity() -> str:
     """What the parse depends on besides its input: builder's parser (its source) and the
     installed dockerfile_parse (its files' sizes and times), found without importing it."""
-    parts = [hashlib.sha256(Path(dockerfile_module.__file__).read_bytes()).hexdigest()]
+    parts = [sha256_hex(Path(dockerfile_module.__file__).read_bytes())]
     spec = PathFinder.find_spec("dockerfile_parse")
     places = (spec.submodule_search_locations or []) if spec is not None else []
     for where in places:

@@ -14,7 +14,6 @@ unchanged context is not read again.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import stat
@@ -25,6 +24,7 @@ from typing import Any
 
 from msgspec import Struct
 
+from builder.digest import sha256_hex, stream_sha256
 from builder.errors import ContextError
 from builder.fscopy import CopyEntry, check_unchanged, describe, open_source
 from builder.patterns import BadPatternError, PatternMatcher, clean, go_match, has_wildcards
@@ -326,12 +326,12 @@ def digest_entry(name: str, entry: CopyEntry, *, owners: bool = False, sums: Fil
         fields.append(b"%d:%d" % (entry.uid, entry.gid))
     for attribute, value in entry.xattrs:
         fields += [attribute.encode(), value]
-    return hashlib.sha256(b"".join(len(field).to_bytes(8, "big") + field for field in fields)).hexdigest()
+    return sha256_hex(b"".join(len(field).to_bytes(8, "big") + field for field in fields))
 
 
 def _file_sha256(entry: CopyEntry) -> str:
     """The bytes of the file ``entry`` describes, read in the size it had (checked after)."""
-    hasher = hashlib.sha256()
+    hasher = stream_sha256()
     fd = open_source(entry)
     try:
         left = entry.size

@@ -9,7 +9,6 @@ path), and this module is the only one that speaks to them.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
 
 from msgspec import Struct
 
-from builder.digest import HashingWriter
+from builder.digest import HashingWriter, stream_sha256
 from builder.errors import LayerError
 from builder.signals import deferred_signals
 
@@ -209,7 +208,7 @@ class _Encoder:
     def __init__(self, dest: BinaryIO, compression: Compression, level: int | None) -> None:
         self._compression = compression
         self._dest = dest
-        self._tar = hashlib.sha256()
+        self._tar = stream_sha256()
         self._tar_size = 0
         self._blob = HashingWriter(dest)
         self._compressed = compression.name != "uncompressed"

@@ -10,7 +10,6 @@ its commit.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from msgspec import Struct
 
+from builder.digest import sha256_hex, stream_sha256
 from builder.errors import ContextError
 
 __all__ = ["Fetched", "GitSource", "fetch_git", "fetch_url", "is_url", "parse_git_source", "url_filename"]
@@ -27,7 +27,6 @@ __all__ = ["Fetched", "GitSource", "fetch_git", "fetch_url", "is_url", "parse_gi
 _CHUNK = 1 << 20
 _TIMEOUT = 60
 _GIT_TIMEOUT = 600
-_HASHES = {"sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
 
 
 class Fetched(Struct, frozen=True):
@@ -80,7 +79,7 @@ def url_filename(url: str) -> str:
 
 def fetch_url(url: str, scratch: Path, checksum: str | None) -> Fetched:
     """Download ``url`` into ``scratch`` (once per build) and check ``checksum`` when given."""
-    key = hashlib.sha256(url.encode()).hexdigest()[:32]
+    key = sha256_hex(url.encode())[:32]
     target = scratch / "url" / key / url_filename(url)
     done = target.with_name(target.name + ".sha256")
     if not done.is_file():
@@ -103,7 +102,7 @@ def _download(url: str, target: Path) -> str:
     import urllib.request
 
     request = urllib.request.Request(url, headers={"User-Agent": "builder"})
-    hasher = hashlib.sha256()
+    hasher = stream_sha256()
     try:
         with urllib.request.urlopen(request, timeout=_TIMEOUT) as response, target.open("wb") as out:
             while chunk := response.read(_CHUNK):
@@ -128,7 +127,9 @@ def _download(url: str, target: Path) -> str:
 
 
 def _file_hash(path: Path, algorithm: str) -> str:
-    hasher = _HASHES[algorithm]()
+    import hashlib  # only ADD --checksum with sha384 or sha512 needs it (start-up time)
+
+    hasher = hashlib.new(algorithm)
     with path.open("rb") as file:
         while chunk := file.read(_CHUNK):
             hasher.update(chunk)
@@ -137,7 +138,7 @@ def _file_hash(path: Path, algorithm: str) -> str:
 
 def fetch_git(source: GitSource, scratch: Path, *, keep_git_dir: bool, checksum: str | None) -> Fetched:
     """Clone ``source`` into ``scratch`` (once per build) at its ref; the digest is the commit."""
-    key = hashlib.sha256(repr((source, keep_git_dir)).encode()).hexdigest()[:32]
+    key = sha256_hex(repr((source, keep_git_dir)).encode())[:32]
     checkout = scratch / "git" / key
     done = checkout.with_name(key + ".commit")
     if not done.is_file():
