@@ -48,11 +48,12 @@ GO_SPACE = (
 _EXEC_FORM = frozenset({"RUN", "CMD", "ENTRYPOINT", "SHELL", "COPY", "ADD", "VOLUME"})
 _HEREDOC_FORM = frozenset({"RUN", "COPY", "ADD"})
 _DIRECTIVES = frozenset({"syntax", "escape", "check"})
+# Patterns are compiled on first use (re's own cache), not at import: most builds use few of them.
 # Go regexp \s is [\t\n\f\r ]; the value is right-stripped separately (a lazy match would backtrack).
-_DIRECTIVE = re.compile(r"([a-zA-Z][a-zA-Z0-9]*)[\t\n\f\r ]*=[\t\n\f\r ]*(.*)")
-_WORD_SPACE = re.compile(r"[\t\v\f\r ]+")
-_GO_SPACE_RUN = re.compile(f"[{re.escape(GO_SPACE)}]+")
-_HEREDOC_WORD = re.compile(r"(\d*)<<(-?)[\t\n\f\r ]*([^<]*)")
+_DIRECTIVE = r"([a-zA-Z][a-zA-Z0-9]*)[\t\n\f\r ]*=[\t\n\f\r ]*(.*)"
+_WORD_SPACE = r"[\t\v\f\r ]+"
+_GO_SPACE_RUN = f"[{re.escape(GO_SPACE)}]+"
+_HEREDOC_WORD = r"(\d*)<<(-?)[\t\n\f\r ]*([^<]*)"
 _BOM = "\ufeff"
 
 
@@ -156,7 +157,7 @@ def _directives(lines: list[str], filename: str) -> tuple[tuple[str, str], ...]:
         line = raw.rstrip("\r\n").lstrip(GO_SPACE)
         if not line.startswith("#"):
             break
-        match = _DIRECTIVE.fullmatch(line[1:].lstrip(GO_SPACE))
+        match = re.fullmatch(_DIRECTIVE, line[1:].lstrip(GO_SPACE))
         value = match[2].rstrip("\t\n\f\r ") if match else ""
         if match is None or not value or match[1].lower() not in _DIRECTIVES:
             break
@@ -295,7 +296,7 @@ class _Scanner:
 
 def _node(logical: str, line: int, error: _ErrorAt) -> Instruction:
     """Split a logical line into instruction word, flags and arguments (BuildKit's splitCommand)."""
-    word, *rest = _WORD_SPACE.split(logical, maxsplit=1)
+    word, *rest = re.split(_WORD_SPACE, logical, maxsplit=1)
     keyword = word.upper()
     if keyword not in INSTRUCTIONS:
         raise error(f"unknown instruction {word}{suggest(keyword, INSTRUCTIONS)}", line)
@@ -394,7 +395,7 @@ def _heredoc_words(line: str) -> list[Heredoc]:
 
 def parse_heredoc_word(word: str) -> Heredoc | None:
     """``<<EOF``, ``<<-EOF``, ``<<'EOF'`` … as an (empty) Heredoc; None for any other word."""
-    match = _HEREDOC_WORD.fullmatch(word)
+    match = re.fullmatch(_HEREDOC_WORD, word)
     if match is None or not match[3]:
         return None
     words, quoted = _unquote(match[3])
@@ -480,13 +481,13 @@ def _unquote(text: str) -> tuple[list[str], bool]:
 
 def split_fields(text: str) -> list[str]:
     """Split on runs of spaces and tabs, as BuildKit splits FROM, EXPOSE, COPY and VOLUME."""
-    return [word for word in _WORD_SPACE.split(text) if word] if text else []
+    return [word for word in re.split(_WORD_SPACE, text) if word] if text else []
 
 
 def split_words(text: str, escape: str) -> list[str]:
     """BuildKit's parseWords for ENV, LABEL and ARG: words with quotes and escapes kept."""
     if not any(ch in text for ch in ("'", '"', escape)):
-        return [word for word in _GO_SPACE_RUN.split(text) if word]
+        return [word for word in re.split(_GO_SPACE_RUN, text) if word]
     words: list[str] = []
     word: list[str] = []
     quote = ""

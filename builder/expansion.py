@@ -20,8 +20,9 @@ __all__ = ["Expanded", "expand_word", "expand_words"]
 _SPECIAL_PARAMS = frozenset("@*#?-$!0")
 # Operators allowed after ``${NAME``, alone or behind ``:``; lex.go accepts ``:#`` and ``:%`` too.
 _OPERATORS = frozenset("-+?#%")
+# Patterns are compiled on first use (re's own cache), not at import: most builds use few of them.
 # Go's unicode.IsSpace, which separates fields: Python's isspace (and \s) less \x1c-\x1f.
-_GO_SPACES = re.compile(r"[^\S\x1c-\x1f]+")
+_GO_SPACES = r"[^\S\x1c-\x1f]+"
 # Pattern tokens: these two wildcards, or a literal character (always one character long).
 _STAR = "<*>"
 _ANY = "<?>"
@@ -64,7 +65,7 @@ class _Fields:
         self._current: list[str] = []
 
     def add(self, text: str) -> None:
-        first, *rest = _GO_SPACES.split(text)  # by regex: a value may be megabytes long
+        first, *rest = re.split(_GO_SPACES, text)  # by regex: a value may be megabytes long
         self._current.append(first)
         for part in rest:
             self._close()

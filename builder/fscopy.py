@@ -47,8 +47,9 @@ _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a file swapped for a FIFO since it was looked at must not hang the build
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_CLAUSE = re.compile(r"([ugoa]*)((?:[-+=](?:[ugo]|[rwxXst]*))+)|([-+=])([0-7]+)")
-_ACTION = re.compile(r"([-+=])([ugo]|[rwxXst]*)")
+# Patterns are compiled on first use (re's own cache), not at import: most builds use few of them.
+_CLAUSE = r"([ugoa]*)((?:[-+=](?:[ugo]|[rwxXst]*))+)|([-+=])([0-7]+)"
+_ACTION = r"([-+=])([ugo]|[rwxXst]*)"
 _CLASS_BITS = {"u": 0o700, "g": 0o070, "o": 0o007}
 _CLASS_SPECIAL = {"u": 0o4000, "g": 0o2000, "o": 0}
 
@@ -169,13 +170,13 @@ class Chmod(Struct, frozen=True):
             return self.octal
         result = stat.S_IMODE(mode)
         for clause in self.text.split(","):
-            match = _CLAUSE.fullmatch(clause)
+            match = re.fullmatch(_CLAUSE, clause)
             assert match is not None  # parse_chmod checked it
             if match[3]:  # an operator with octal bits: +111, =644
                 result = _operate(result, match[3], int(match[4], 8) & 0o7777, 0o7777)
                 continue
             who = match[1].replace("a", "ugo") or "ugo"
-            for op, perms in _ACTION.findall(match[2]):
+            for op, perms in re.findall(_ACTION, match[2]):
                 bits = _perm_bits(who, perms, result, mode, is_dir=is_dir)
                 result = _operate(result, op, bits, _who_mask(who))
         return result
@@ -226,7 +227,7 @@ def parse_chmod(text: str) -> Chmod:
         if not 0 <= mode <= 0o7777:
             raise ContextError(f"--chmod={text} is not an octal mode between 0 and 7777.")
         return Chmod(text, mode)
-    if not text or not all(_CLAUSE.fullmatch(clause) for clause in text.split(",")):
+    if not text or not all(re.fullmatch(_CLAUSE, clause) for clause in text.split(",")):
         raise ContextError(
             f"--chmod={text} is neither an octal mode (such as 755) nor a symbolic one (such as u+x,g-w)."
         )

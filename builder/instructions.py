@@ -51,8 +51,9 @@ __all__ = [
     "parse_stages",
 ]
 
-_WORD_SPACE = re.compile(r"[\t\v\f\r ]+")
-_STAGE_NAME = re.compile(r"[a-z][a-z0-9\-_.]*")
+# Patterns are compiled on first use (re's own cache), not at import: most builds use few of them.
+_WORD_SPACE = r"[\t\v\f\r ]+"
+_STAGE_NAME = r"[a-z][a-z0-9\-_.]*"
 # Flag kinds: "string" once, "strings" repeatable, "bool" as --flag or --flag=true|false.
 _FLAGS: dict[str, dict[str, str]] = {
     "FROM": {"platform": "string"},
@@ -236,7 +237,7 @@ def _parse_from(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
             "FROM takes an image and an optional stage name: FROM [--platform=...] IMAGE [AS NAME]."
         )
     name = words[2].lower() if len(words) == 3 else None
-    if name is not None and not _STAGE_NAME.fullmatch(name):
+    if name is not None and not re.fullmatch(_STAGE_NAME, name):
         raise InvalidValue(
             f"invalid stage name {words[2]!r}: it must start with a letter and hold only letters, "
             "digits, '-', '_' and '.'.",
@@ -262,7 +263,7 @@ def _parse_pairs(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
     if not words:
         raise InvalidValue(f"{kw} needs at least one pair: {kw} NAME=VALUE ...")
     if "=" not in words[0]:
-        parts = _WORD_SPACE.split(ins.args, maxsplit=1)
+        parts = re.split(_WORD_SPACE, ins.args, maxsplit=1)
         if len(parts) < 2:
             raise InvalidValue(f"{kw} {words[0]} has no value: {kw} NAME=VALUE.")
         return PairsCommand(ins, ((parts[0], parts[1]),), legacy=True)
@@ -346,7 +347,7 @@ def _parse_list(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
 
 
 def _parse_healthcheck(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
-    kind, *rest = _WORD_SPACE.split(ins.args, maxsplit=1) if ins.args else [""]
+    kind, *rest = re.split(_WORD_SPACE, ins.args, maxsplit=1) if ins.args else [""]
     command = rest[0].lstrip(GO_SPACE) if rest else ""
     if kind.upper() == "NONE":
         if command or flags:
@@ -378,7 +379,7 @@ _DURATION_FLAGS = {
     "start-period": "StartPeriod",
     "start-interval": "StartInterval",
 }
-_DURATION = re.compile(r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+|[-+]?0")
+_DURATION = r"[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+|[-+]?0"
 _UNITS = {
     "ns": 1,
     "us": 10**3,
@@ -395,7 +396,7 @@ def _duration(ins: Instruction, name: str, text: str) -> int:
     """A Go duration (``30s``, ``1m30s``, ``1.5h``) in nanoseconds; 0 means the default."""
     if not text:
         return 0
-    if not _DURATION.fullmatch(text):
+    if not re.fullmatch(_DURATION, text):
         raise InvalidValue(f"--{name}={text} is not a duration; write it as 30s, 1m30s or 500ms.")
     parts = re.findall(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)", text)
     if any(len(number.partition(".")[0]) > 20 for number, _ in parts):  # beyond int64 in any unit
@@ -457,19 +458,19 @@ _PARSERS: dict[str, Callable[[Instruction, Flags, Dockerfile], Command]] = {
 # Values the plan checks after expansion.
 
 
-_CHMOD_SYMBOLIC = re.compile(r"[ugoa]*(?:[-+=](?:[rwxXst]*|[ugo]))+|[-+=][0-7]+")
+_CHMOD_SYMBOLIC = r"[ugoa]*(?:[-+=](?:[rwxXst]*|[ugo]))+|[-+=][0-7]+"
 
 
 def check_chmod(text: str) -> None:
     """``--chmod``: octal up to 7777, or chmod(1)'s symbolic clauses (``u=rwX,go=rX``, ``+x``)."""
     if re.fullmatch(r"[0-7]+", text) and int(text, 8) <= 0o7777:
         return
-    if text and all(_CHMOD_SYMBOLIC.fullmatch(clause) for clause in text.split(",")):
+    if text and all(re.fullmatch(_CHMOD_SYMBOLIC, clause) for clause in text.split(",")):
         return
     raise InvalidValue(f"--chmod={text} is not a mode: use octal (0755) or symbolic (u=rwX,go=rX).")
 
 
-_PORT = re.compile(r"(\d+)(?:-(\d+))?")
+_PORT = r"(\d+)(?:-(\d+))?"
 
 
 def parse_ports(spec: str) -> list[str]:
@@ -481,7 +482,7 @@ def parse_ports(spec: str) -> list[str]:
     proto = proto.lower() or "tcp"
     if proto not in ("tcp", "udp", "sctp"):
         raise InvalidValue(f"EXPOSE {spec}: invalid protocol {proto!r}; use tcp, udp or sctp.")
-    match = _PORT.fullmatch(port)
+    match = re.fullmatch(_PORT, port)
     start, end = (int(match[1]), int(match[2] or match[1])) if match and len(port) <= 11 else (0, -1)
     if match is None or end > 65535 or end < start:
         raise InvalidValue(f"EXPOSE {spec[:40]}: {port[:20]!r} is not a port or port range (0-65535).")

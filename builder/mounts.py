@@ -54,7 +54,8 @@ _MOUNT_ONLY = {
 }  # fmt: skip
 _GO_TRUE = ("1", "t", "T", "TRUE", "true", "True")
 _GO_FALSE = ("0", "f", "F", "FALSE", "false", "False")
-_SIZE = re.compile(r"(\d+(?:\.\d+)*) ?([kKmMgGtTpP])?[iI]?[bB]?")
+# Patterns are compiled on first use (re's own cache), not at import: most builds use few of them.
+_SIZE = r"(\d+(?:\.\d+)*) ?([kKmMgGtTpP])?[iI]?[bB]?"
 _SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "p": 2**50}
 
 
@@ -108,7 +109,7 @@ def _number(key: str, value: str, base: int) -> int:
 
 
 def _size(value: str) -> int:
-    match = _SIZE.fullmatch(value)
+    match = re.fullmatch(_SIZE, value)
     if match is None or match[1].count(".") > 1:
         raise InvalidValue(f"--mount size={value} is not a size such as 64m or 1g.")
     return int(float(match[1]) * _SIZE_UNITS[(match[2] or "").lower()])

@@ -186,7 +186,8 @@ def _data(value: Any, skip: str = "") -> Any:
     return value
 
 
-_GO_SPACE_CHAR = re.compile(f"[{re.escape(GO_SPACE)}]")
+# Patterns are compiled on first use (re's own cache), not at import: most builds use few of them.
+_GO_SPACE_CHAR = f"[{re.escape(GO_SPACE)}]"
 
 
 def make_plan(
@@ -435,7 +436,7 @@ class _StageState(Struct):
         escape = self.df.escape
         try:
             for value in cmd.values:
-                plain = is_plain(value, escape) and _GO_SPACE_CHAR.search(value) is None
+                plain = is_plain(value, escape) and re.search(_GO_SPACE_CHAR, value) is None
                 for word in [value] if plain else expand_words(value, self.vars, escape=escape)[0]:
                     ports.update((key, {}) for key in parse_ports(word))
         except (ExpansionError, InvalidValue) as exc:

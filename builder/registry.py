@@ -57,7 +57,8 @@ CHUNK_SIZE = 64 << 20  # blobs above this are uploaded in chunks of this size
 USER_AGENT = "builder/0.1 (Python http.client)"
 _MAX_MANIFEST = 4 << 20  # the distribution spec's suggested limit
 _READ = 1 << 20
-_CHALLENGE_PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^\s,]+))')
+# Patterns are compiled on first use (re's own cache), not at import: most builds use few of them.
+_CHALLENGE_PARAM = r'(\w+)=(?:"([^"]*)"|([^\s,]+))'
 
 
 class Manifest(Struct, frozen=True):
@@ -440,7 +441,8 @@ class RegistryClient:
         if self._token.authorization != used:
             return True  # another thread got new credentials meanwhile: try those
         scheme, _, rest = challenge.partition(" ")
-        params = {m[1].lower(): m[2] if m[2] is not None else m[3] for m in _CHALLENGE_PARAM.finditer(rest)}
+        matches = re.finditer(_CHALLENGE_PARAM, rest)
+        params = {m[1].lower(): m[2] if m[2] is not None else m[3] for m in matches}
         if scheme.lower() == "basic":
             if self.credentials is None:
                 raise RegistryError(

@@ -102,12 +102,13 @@ class ParsedStages(Struct, frozen=True):
         return DockerfileError(message, filename=self.dockerfile.filename, line=line)
 
 
-_SPECIAL = {escape: re.compile(f"[$'\"{re.escape(escape)}]") for escape in ("\\", "`")}
+# Compiled on first use (re's own cache), not at import.
+_SPECIAL = {escape: f"[$'\"{re.escape(escape)}]" for escape in ("\\", "`")}
 
 
 def is_plain(word: str, escape: str) -> bool:
     """A word with nothing to expand: no variable, quote or escape."""
-    return _SPECIAL[escape].search(word) is None
+    return re.search(_SPECIAL[escape], word) is None
 
 
 def expand_at(df: Dockerfile, line: int, word: str, scope: Mapping[str, str]) -> tuple[str, frozenset[str]]:
