@@ -11,6 +11,7 @@ one, which nothing needs and which took about 5 ms of a build that ran a step: s
 """
 
 import atexit
+import contextlib
 import gc
 import os
 import sys
@@ -20,12 +21,10 @@ from typing import NoReturn
 gc.disable()
 try:
     from builder import cli
+    from builder.errors import OutputError
 finally:
     gc.freeze()
     gc.enable()
-
-# Python's own exit status when it cannot flush the standard streams at exit.
-_EXIT_FLUSH_FAILED = 120
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -35,12 +34,22 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     ``--help`` and usage errors) ends the process the usual way."""
     code = cli.main(argv)
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe or stream: as the interpreter reports it
-            code = code or _EXIT_FLUSH_FAILED
-    os._exit(code)
+    os._exit(_flush(code))
+
+
+def _flush(code: int) -> int:
+    """Flush the standard streams; output that could not be written fails the command, with an
+    error line unless its reader went away (a closed pipe, as in ``builder images | head -1``)."""
+    try:
+        sys.stdout.flush()
+    except OSError as exc:
+        failure = OutputError(exc)
+        if not failure.quiet:
+            print(f"error: {failure}", file=sys.stderr)
+        code = code or cli.EXIT_ERROR
+    with contextlib.suppress(OSError):
+        sys.stderr.flush()
+    return code
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from msgspec import structs
 
 from builder.build import BuildRequest, build, plan_build, resolve_image
 from builder.config import CONFIG_ENV, DEFAULT_CONFIG, add_setting_flags, parse_config, resolve
-from builder.errors import BuilderError, SandboxError
+from builder.errors import BuilderError, OutputError, SandboxError
 from builder.export import OUTPUT_KINDS, Output, parse_output, write_output
 from builder.images import Platform, image_history, parse_platform, reference, tag_key, tagged_images
 from builder.oci import Reference
@@ -270,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_INTERRUPTED
         if not isinstance(exc, BuilderError):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if not (isinstance(exc, OutputError) and exc.quiet):
+            print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     finally:  # done: a signal no longer unwinds anything (SIGTERM now just ends the process) ...
         for stop, handler in previous.items():
@@ -345,7 +346,7 @@ def _build(args: argparse.Namespace, store: Store) -> int:
     )
     if args.print_what == "plan":
         plan, _ = plan_build(request, store)
-        print(json.dumps(plan.to_json(), indent=2, sort_keys=True))
+        _out(json.dumps(plan.to_json(), indent=2, sort_keys=True))
         return 0
 
     def log(line: str) -> None:
@@ -363,7 +364,7 @@ def _build(args: argparse.Namespace, store: Store) -> int:
         print(f"warning: build arg {name} is not consumed by any ARG", file=sys.stderr)
     if not args.quiet:
         print(f"image {result.manifest_digest} ({result.executed} steps run)", file=sys.stderr)
-    print(result.manifest_digest)
+    _out(result.manifest_digest)
     return 0
 
 
@@ -394,7 +395,7 @@ def _load(args: argparse.Namespace, store: Store) -> int:
             )
         for tag in args.tag:
             store.set_tag(tag_key(reference(tag)), digest)
-    print(digest)
+    _out(digest)
     return 0
 
 
@@ -402,7 +403,7 @@ def _images(args: argparse.Namespace, store: Store) -> int:
 
     if args.quiet:
         for digest in dict.fromkeys(digest for _, digest in tagged_images(store)):
-            print(digest)
+            _out(digest)
         return 0
     rows = [("REPOSITORY", "TAG", "DIGEST", "SIZE")]
     for ref, digest in tagged_images(store):
@@ -415,7 +416,7 @@ def _images(args: argparse.Namespace, store: Store) -> int:
 def _inspect(args: argparse.Namespace, store: Store) -> int:
 
     digest, manifest, config = resolve_image(store, args.image)
-    print(json.dumps({"digest": digest, "manifest": manifest, "config": config}, indent=2, sort_keys=True))
+    _out(json.dumps({"digest": digest, "manifest": manifest, "config": config}, indent=2, sort_keys=True))
     return 0
 
 
@@ -449,7 +450,7 @@ def _rmi(args: argparse.Namespace, store: Store) -> int:
             raise BuilderError(f"the image {ref.familiar} is not in the store {store.root}.")
         for name in names:
             store.remove_tag(name)
-            print(f"untagged {name}")
+            _out(f"untagged {name}")
     return 0
 
 
@@ -462,7 +463,7 @@ def _save(args: argparse.Namespace, store: Store) -> int:
         compression = output.compression or args.compression
         level = output.level if output.level is not None else args.compression_level
         chosen = structs.replace(output, compression=compression, level=level)
-        print(write_output(store, digest, chosen, names, registry, _log))
+        _out(write_output(store, digest, chosen, names, registry, _log))
     return 0
 
 
@@ -471,7 +472,7 @@ def _pull(args: argparse.Namespace, store: Store) -> int:
     from builder.distribution import pull_image  # see the note on the imports
 
     digest, _, _ = pull_image(store, reference(args.image), registry, _log, platform=args.platform)
-    print(digest)
+    _out(digest)
     return 0
 
 
@@ -484,7 +485,7 @@ def _push(args: argparse.Namespace, store: Store) -> int:
         level=args.compression_level,
     )
     registry = RegistryOptions(insecure=tuple(args.insecure_registry))
-    print(write_output(store, digest, output, [], registry, _log))
+    _out(write_output(store, digest, output, [], registry, _log))
     return 0
 
 
@@ -506,10 +507,18 @@ def _size(count: int) -> str:
     return f"{count}B"
 
 
+def _out(text: str) -> None:
+    """A line of the command's output (stdout); one that cannot be written is an OutputError."""
+    try:
+        print(text)
+    except OSError as exc:
+        raise OutputError(exc) from exc
+
+
 def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        _out("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def _prune(args: argparse.Namespace, store: Store) -> int:
@@ -523,7 +532,7 @@ def _prune(args: argparse.Namespace, store: Store) -> int:
         until = parse_duration(value)
     keep = parse_size(args.keep_storage) if args.keep_storage is not None else None
     result = prune(store, keep_storage=keep, until=until)
-    print(
+    _out(
         f"removed {result.records} cache records, {result.blobs} blobs and {result.snapshots} snapshots; "
         f"reclaimed {result.reclaimed / 1e6:.1f} MB"
     )
@@ -536,7 +545,7 @@ def _check(args: argparse.Namespace, store: Store) -> int:
     result = check_store(store, repair=args.repair)
     for problem in result.problems:
         status = "repaired" if problem in result.repaired else "problem"
-        print(f"{status}: {problem.path}: {problem.message}")
+        _out(f"{status}: {problem.path}: {problem.message}")
     checked = ", ".join(f"{count} {kind}" for kind, count in result.checked.items())
     summary = f"checked {checked}: {len(result.problems)} problems, {len(result.repaired)} repaired"
     if any(problem.repair for problem in result.remaining):
@@ -549,10 +558,10 @@ def _du(args: argparse.Namespace, store: Store) -> int:
     from builder.gc import disk_usage  # see the note on the imports
 
     usage = disk_usage(store)
-    print(f"images\t{usage.images}")
-    print(f"cache records\t{usage.records}")
-    print(f"blobs\t{usage.blobs}\t{usage.blob_bytes / 1e6:.1f} MB")
-    print(f"snapshots\t{usage.snapshots}\t{usage.snapshot_bytes / 1e6:.1f} MB")
+    _out(f"images\t{usage.images}")
+    _out(f"cache records\t{usage.records}")
+    _out(f"blobs\t{usage.blobs}\t{usage.blob_bytes / 1e6:.1f} MB")
+    _out(f"snapshots\t{usage.snapshots}\t{usage.snapshot_bytes / 1e6:.1f} MB")
     return 0
 
 

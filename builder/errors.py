@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "BuilderError",
     "ContextError",
     "DockerfileError",
     "ExpansionError",
     "LayerError",
+    "OutputError",
     "RegistryError",
     "SandboxError",
     "StepFailed",
@@ -48,6 +51,15 @@ class SandboxError(BuilderError):
 
 class StepFailed(BuilderError):
     """A RUN step exited non-zero."""
+
+
+class OutputError(BuilderError):
+    """The command's output could not be written: ``quiet`` when its reader went away (a pipe
+    that ``head`` closed), which is no news to anyone."""
+
+    def __init__(self, exc: OSError) -> None:
+        self.quiet = exc.errno == errno.EPIPE
+        super().__init__(f"cannot write the output: {exc.strerror or exc}.")
 
 
 class RegistryError(BuilderError):
