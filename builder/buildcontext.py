@@ -24,7 +24,7 @@ from typing import Any
 
 from msgspec import Struct
 
-from builder.digest import sha256_hex, stream_sha256
+from builder.digest import StreamSha256, sha256_hex
 from builder.errors import ContextError
 from builder.fscopy import CopyEntry, check_unchanged, describe, open_source
 from builder.patterns import BadPatternError, PatternMatcher, clean, go_match, has_wildcards
@@ -331,7 +331,7 @@ def digest_entry(name: str, entry: CopyEntry, *, owners: bool = False, sums: Fil
 
 def _file_sha256(entry: CopyEntry) -> str:
     """The bytes of the file ``entry`` describes, read in the size it had (checked after)."""
-    hasher = stream_sha256()
+    hasher = StreamSha256()
     fd = open_source(entry)
     try:
         left = entry.size

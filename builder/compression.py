@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
 
 from msgspec import Struct
 
-from builder.digest import HashingWriter, stream_sha256
+from builder.digest import HashingWriter, StreamSha256
 from builder.errors import LayerError
 from builder.signals import deferred_signals
 
@@ -208,7 +208,7 @@ class _Encoder:
     def __init__(self, dest: BinaryIO, compression: Compression, level: int | None) -> None:
         self._compression = compression
         self._dest = dest
-        self._tar = stream_sha256()
+        self._tar = StreamSha256()
         self._tar_size = 0
         self._blob = HashingWriter(dest)
         self._compressed = compression.name != "uncompressed"

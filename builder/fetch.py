@@ -19,7 +19,7 @@ from pathlib import Path
 
 from msgspec import Struct
 
-from builder.digest import sha256_hex, stream_sha256
+from builder.digest import StreamSha256, sha256_hex
 from builder.errors import ContextError
 
 __all__ = ["Fetched", "GitSource", "fetch_git", "fetch_url", "is_url", "parse_git_source", "url_filename"]
@@ -102,7 +102,7 @@ def _download(url: str, target: Path) -> str:
     import urllib.request
 
     request = urllib.request.Request(url, headers={"User-Agent": "builder"})
-    hasher = stream_sha256()
+    hasher = StreamSha256()
     try:
         with urllib.request.urlopen(request, timeout=_TIMEOUT) as response, target.open("wb") as out:
             while chunk := response.read(_CHUNK):

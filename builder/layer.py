@@ -13,7 +13,6 @@ after its directory so that no applier meets it after siblings it must not hide.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
 import tarfile
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple, cast
 
 from builder.compression import BLOCK, Compression, LayerBlob, encoding, open_layer
+from builder.digest import StreamSha256
 from builder.errors import LayerError
 from builder.store import write_back
 from builder.tarsafe import OPAQUE_XATTR, WHITEOUT_OPAQUE, WHITEOUT_PREFIX, apply_layer
@@ -513,7 +513,7 @@ def compress_stream(
 class _HashingReader:
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
-        self.hasher = hashlib.sha256()
+        self.hasher = StreamSha256()
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)

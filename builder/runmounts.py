@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -22,6 +21,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from builder.buildcontext import BuildContext
+from builder.digest import sha256_hex
 from builder.errors import BuilderError, ContextError
 from builder.mounts import Mount
 from builder.plan import RunStep
@@ -77,7 +77,7 @@ def run_mounts(
 
 
 def _cache_dir(cache_root: Path, mount: Mount, stack: contextlib.ExitStack) -> Path:
-    key = hashlib.sha256((mount.id or mount.target).encode()).hexdigest()
+    key = sha256_hex((mount.id or mount.target).encode())
     path = cache_root / key
     if not path.is_dir():
         path.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from builder.digest import digest_hex, is_digest, sha256_digest, stream_sha256
+from builder.digest import StreamSha256, digest_hex, is_digest, sha256_digest
 from builder.errors import StoreError
 from builder.signals import deferred_signals
 
@@ -107,7 +107,7 @@ class BlobWriter:
         self._store = store
         fd, self.path = store.temp_file("blob-")
         self.file: BinaryIO = _BlobFile(fd)
-        self._hash = stream_sha256()
+        self._hash = StreamSha256()
         self.size = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
