@@ -19,6 +19,7 @@ from msgspec import Struct, ValidationError, convert, field, structs, to_builtin
 from builder import dockerfile as dockerfile_module
 from builder.buildcontext import BuildContext, FileSums
 from builder.compression import COMPRESSIONS
+from builder.credentials import RegistryOptions
 from builder.digest import sha256_digest, sha256_hex
 from builder.distribution import fetch_image
 from builder.dockerfile import Dockerfile, parse_dockerfile
@@ -35,7 +36,6 @@ from builder.oci import (
     parse_reference,
 )
 from builder.plan import Plan, make_plan
-from builder.registry import RegistryOptions
 from builder.snapshot import Snapshotter
 from builder.stagegraph import run_stages
 from builder.stages import base_images, platform_args

@@ -18,10 +18,11 @@ from typing import Any
 
 from msgspec import Struct
 
+from builder.credentials import RegistryOptions
 from builder.digest import is_digest
 from builder.errors import BuilderError, StoreError
 from builder.oci import INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, canonical_json, descriptor, parse_reference
-from builder.registry import RegistryOptions
+from builder.registry import RegistryClient
 from builder.store import Store
 
 __all__ = ["CACHE_CONFIG_MEDIA_TYPE", "CacheSpec", "export_cache", "import_cache", "parse_cache_spec"]
@@ -126,7 +127,7 @@ def _export_registry(
     store: Store, ref: str, config: bytes, manifest: bytes, layers: list[Json], options: RegistryOptions
 ) -> str:
     reference = _reference(ref)
-    with options.client(reference.registry, reference.repository, push=True) as client:
+    with RegistryClient.open(options, reference.registry, reference.repository, push=True) as client:
         config_digest = store.write_blob(config)
 
         def upload(desc: Json) -> None:
@@ -197,7 +198,7 @@ def _read_blob(store: Store, src: Path, desc: Json, *, keep: bool = False) -> by
 
 def _import_registry(store: Store, ref: str, options: RegistryOptions) -> tuple[Json, list[Json]]:
     reference = _reference(ref)
-    with options.client(reference.registry, reference.repository) as client:
+    with RegistryClient.open(options, reference.registry, reference.repository) as client:
         manifest = client.get_manifest(reference.digest or reference.tag or "cache").document()
         client.get_blob_to(store, manifest["config"]["digest"], manifest["config"].get("size"))
         config = store.read_json(manifest["config"]["digest"])

@@ -16,11 +16,11 @@ from msgspec import structs
 
 from builder.build import BuildRequest, build, plan_build, resolve_image
 from builder.config import CONFIG_ENV, DEFAULT_CONFIG, add_setting_flags, parse_config, resolve
+from builder.credentials import RegistryOptions
 from builder.errors import BuilderError, OutputError, SandboxError
 from builder.export import OUTPUT_KINDS, Output, parse_output, write_output
 from builder.images import Platform, image_history, parse_platform, reference, tag_key, tagged_images
 from builder.oci import Reference
-from builder.registry import RegistryOptions
 from builder.snapshot import private_mount_namespace
 from builder.stages import parse_build_args
 from builder.store import Store

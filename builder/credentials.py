@@ -1,6 +1,10 @@
-"""Registry logins from the Docker config file (``$DOCKER_CONFIG/config.json`` or
+"""How to reach registries: which ones speak plain HTTP (:class:`RegistryOptions`), and the
+logins from the Docker config file (``$DOCKER_CONFIG/config.json`` or
 ``~/.docker/config.json``), as ``docker login`` writes them: ``auths`` entries with ``auth``
 (base64 of user:password) or ``username`` and ``password``. Credential helpers are not run.
+
+Every build carries its RegistryOptions; the registry client (``registry``) is imported by a
+pull or a push only (start-up of the cached path).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from msgspec import Struct
 
 from builder.errors import RegistryError
 
-__all__ = ["DOCKER_HUB", "Credentials", "docker_config_path", "load_credentials"]
+__all__ = ["DOCKER_HUB", "Credentials", "RegistryOptions", "docker_config_path", "load_credentials"]
 
 DOCKER_HUB = "docker.io"
 _DOCKER_HUB_KEYS = ("docker.io", "index.docker.io", "registry-1.docker.io")
@@ -63,3 +67,16 @@ def load_credentials(registry: str, path: Path | None = None) -> Credentials | N
         if sep:
             return Credentials(user, password)
     return None
+
+
+class RegistryOptions(Struct, frozen=True):
+    """How to reach registries: which speak plain HTTP, where the credentials are."""
+
+    insecure: tuple[str, ...] = ()  # hosts (host[:port]) reached over plain HTTP
+    docker_config: Path | None = None
+
+    def is_insecure(self, registry: str) -> bool:
+        """localhost, 127.0.0.0/8, ::1 and the hosts named as insecure use plain HTTP."""
+        host = urllib.parse.urlsplit(f"//{registry}").hostname or registry
+        local = host in ("localhost", "::1") or host.startswith("127.")
+        return local or registry in self.insecure or host in self.insecure

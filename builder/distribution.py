@@ -12,8 +12,9 @@ repository of the same registry when the store knows one that holds it, then the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from builder.credentials import RegistryOptions
 from builder.errors import RegistryError, StoreError
 from builder.images import (
     ImageRecord,
@@ -33,8 +34,10 @@ from builder.oci import (
     LAYER_COMPRESSIONS,
     Reference,
 )
-from builder.registry import Manifest, RegistryClient, RegistryOptions
 from builder.store import Store
+
+if TYPE_CHECKING:
+    from builder.registry import Manifest, RegistryClient
 
 __all__ = ["fetch_image", "pull_image", "push_image"]
 
@@ -75,7 +78,9 @@ def pull_image(
 
 def _pull(store: Store, ref: Reference, options: RegistryOptions, log: Log, wanted: Platform) -> ImageRecord:
     log(f"pulling {ref.familiar}")
-    with options.client(ref.registry, ref.repository) as client:
+    from builder.registry import RegistryClient  # a pull or a push only (start-up time)
+
+    with RegistryClient.open(options, ref.registry, ref.repository) as client:
         top = client.get_manifest(ref.digest or ref.tag or "latest")
         manifest = top
         if top.media_type in INDEX_MEDIA_TYPES:
@@ -157,7 +162,9 @@ def push_image(store: Store, manifest_digest: str, ref: Reference, options: Regi
     manifest = store.read_json(manifest_digest)
     blobs = [manifest["config"], *manifest["layers"]]
     log(f"pushing {ref.familiar}")
-    with options.client(ref.registry, ref.repository, push=True) as client:
+    from builder.registry import RegistryClient
+
+    with RegistryClient.open(options, ref.registry, ref.repository, push=True) as client:
         for line in _parallel(lambda blob: _push_blob(store, client, blob), blobs):
             log(line)
         media_type = str(manifest.get("mediaType") or IMAGE_MANIFEST_MEDIA_TYPES[0])

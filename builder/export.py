@@ -29,7 +29,7 @@ from builder.oci import (
 )
 
 if TYPE_CHECKING:
-    from builder.registry import RegistryOptions
+    from builder.credentials import RegistryOptions
     from builder.store import Store
 
 __all__ = ["OUTPUT_KINDS", "Output", "convert_image", "layer_as", "parse_output", "write_output"]

@@ -7,7 +7,6 @@ as written (see :func:`mount_from`). Pure.
 
 from __future__ import annotations
 
-import csv
 import posixpath
 import re
 from collections.abc import Callable
@@ -67,6 +66,8 @@ def _go_bool(key: str, value: str) -> bool:
 
 def _mount_fields(spec: str, expand: Callable[[str], str]) -> dict[str, str]:
     """The ``key=value`` fields of a --mount value, keys canonical, values expanded."""
+    import csv  # here and below: only a RUN with --mount needs it (start-up time)
+
     try:
         rows = list(csv.reader([spec], strict=True))
     except csv.Error as exc:
@@ -183,6 +184,8 @@ def _mount_defaults(mount: Mount, ssh_index: int) -> Mount:
 
 def mount_from(spec: str) -> str | None:
     """The from= of a --mount, as written (it cannot hold variables)."""
+    import csv
+
     for field_ in next(csv.reader([spec]), []):
         key, eq, value = field_.partition("=")
         if eq and key.lower() == "from" and "$" not in value:

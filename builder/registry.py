@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
 
 from msgspec import Struct
 
-from builder.credentials import DOCKER_HUB, Credentials, docker_config_path, load_credentials
+from builder.credentials import DOCKER_HUB, Credentials, RegistryOptions, docker_config_path, load_credentials
 from builder.digest import is_digest, sha256_digest
 from builder.errors import RegistryError
 from builder.oci import (
@@ -35,11 +35,11 @@ from builder.oci import (
 from builder.store import Store
 
 # http.client and ssl (with email, socket, certificates) are imported by the functions that talk
-# to a registry: a cached build only needs RegistryOptions (start-up of the cached path).
+# to a registry, and this module by a pull or a push only (start-up of the cached path).
 if TYPE_CHECKING:
     import http.client
 
-__all__ = ["Manifest", "RegistryClient", "RegistryOptions"]
+__all__ = ["Manifest", "RegistryClient"]
 
 T = TypeVar("T")
 Json = dict[str, Any]
@@ -78,28 +78,6 @@ class Manifest(Struct, frozen=True):
         return value
 
 
-class RegistryOptions(Struct, frozen=True):
-    """How to reach registries: which speak plain HTTP, where the credentials are."""
-
-    insecure: tuple[str, ...] = ()  # hosts (host[:port]) reached over plain HTTP
-    docker_config: Path | None = None
-
-    def is_insecure(self, registry: str) -> bool:
-        """localhost, 127.0.0.0/8, ::1 and the hosts named as insecure use plain HTTP."""
-        host = urllib.parse.urlsplit(f"//{registry}").hostname or registry
-        local = host in ("localhost", "::1") or host.startswith("127.")
-        return local or registry in self.insecure or host in self.insecure
-
-    def client(self, registry: str, repository: str, *, push: bool = False) -> RegistryClient:
-        return RegistryClient(
-            registry,
-            repository,
-            credentials=load_credentials(registry, self.docker_config),
-            insecure=self.is_insecure(registry),
-            push=push,
-        )
-
-
 class _Body(Protocol):
     """A request body that can be sent again after an auth challenge."""
 
@@ -120,6 +98,20 @@ class _Token(Struct):
 
 class RegistryClient:
     """One repository of one registry (``registry`` as written in references: host[:port])."""
+
+    @classmethod
+    def open(
+        cls, options: RegistryOptions, registry: str, repository: str, *, push: bool = False
+    ) -> RegistryClient:
+        """A client reaching ``registry`` as ``options`` say: over plain HTTP or not, with the
+        login the Docker config holds for it."""
+        return cls(
+            registry,
+            repository,
+            credentials=load_credentials(registry, options.docker_config),
+            insecure=options.is_insecure(registry),
+            push=push,
+        )
 
     def __init__(
         self,

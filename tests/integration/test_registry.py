@@ -12,12 +12,12 @@ from typing import ClassVar
 
 import pytest
 
-from builder.credentials import Credentials, load_credentials
+from builder.credentials import Credentials, RegistryOptions, load_credentials
 from builder.digest import sha256_digest
 from builder.errors import RegistryError
 from builder.images import host_arch
 from builder.oci import INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, canonical_json
-from builder.registry import RegistryClient, RegistryOptions
+from builder.registry import RegistryClient
 from builder.store import Store
 from tests.conftest import Result, run_builder
 from tests.integration.conftest import USERS
