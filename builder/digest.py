@@ -1,10 +1,11 @@
 """Content digests: parse and validate them, and hash while streaming.
 
 Two implementations of the one SHA-256: CPython's own ``_sha256``, and hashlib's, which is
-OpenSSL's: five times faster on big data, but about 3 ms to load. Small documents (cache keys,
-image configs, manifests, context entries) and small streams (the layers and files of a build
-of small steps) are hashed by the first, so that such a build, or a fully cached one, never
-loads OpenSSL; a stream that grows past ``_SMALL_STREAM`` moves to the second.
+OpenSSL's: five times faster on big data, but about 3 ms to load. Documents (cache keys, image
+configs, manifests, context entries) are hashed by the first; so are streams (layers, blobs,
+files) until a process has fed them ``_SMALL_WORK`` bytes, and by the second from then on. A
+fully cached build, or one of a few small steps, never loads OpenSSL; a big one pays at most
+``_SMALL_WORK`` of the slower hashing.
 """
 
 from __future__ import annotations
@@ -37,15 +38,17 @@ def sha256_hex(data: bytes | bytearray) -> str:
     return digest
 
 
-# Up to here a stream is kept and hashed by CPython's SHA-256 at the end: 256 KiB take it
-# 0.8 ms, less than loading OpenSSL.
-_SMALL_STREAM = 256 << 10
+# Streams hashed by CPython's SHA-256 in this process, and its budget: 256 KiB take it 0.8 ms,
+# less than loading OpenSSL. Past it, hashlib's hashes every stream (the count may race
+# between threads: it only picks the implementation, never the digest).
+_SMALL_WORK = 256 << 10
+_small_work = 0
 
 
 class StreamSha256:
-    """A SHA-256 fed a stream of any length (see the module's text): its first bytes are kept
-    until the stream is known to be big, then hashlib's takes over from the start. Once this
-    process has loaded hashlib anyway, it hashes from the first byte."""
+    """A SHA-256 fed a stream of any length (see the module's text). While the process's budget
+    lasts, the bytes are kept and hashed by CPython's SHA-256 at the end; once it is spent,
+    hashlib's takes over, from this stream's first byte."""
 
     __slots__ = ("_hash", "_head")
 
@@ -56,11 +59,13 @@ class StreamSha256:
             self._take_over()
 
     def update(self, data: bytes | bytearray | memoryview, /) -> None:
+        global _small_work
         if self._hash is not None:
             self._hash.update(data)
             return
         self._head += data
-        if len(self._head) > _SMALL_STREAM:
+        _small_work += len(data)
+        if _small_work > _SMALL_WORK:
             self._take_over()
 
     def hexdigest(self) -> str:

@@ -1,5 +1,5 @@
 """SHA-256 of streams: the same digest whichever implementation hashes it, and OpenSSL loaded
-only for a big stream."""
+only once a process has hashed more than a little."""
 
 from __future__ import annotations
 
@@ -15,13 +15,14 @@ from builder import digest
 from builder.digest import StreamSha256, sha256_digest
 
 REPO = Path(__file__).resolve().parents[2]
-SMALL = digest._SMALL_STREAM
+SMALL = digest._SMALL_WORK
 
 
 @pytest.mark.parametrize("size", [0, 1, 511, SMALL - 1, SMALL, SMALL + 1, 3 * SMALL + 17])
 def test_a_stream_hashes_as_hashlib_does_at_every_size(size: int, monkeypatch: pytest.MonkeyPatch) -> None:
     data = random.Random(size).randbytes(size)
     monkeypatch.delitem(sys.modules, "hashlib")  # as in a process that has not loaded it
+    monkeypatch.setattr(digest, "_small_work", 0)
     hasher = StreamSha256()
     pieces = (bytes, bytearray, memoryview)
     for index, start in enumerate(range(0, size, 4099)):
@@ -34,13 +35,15 @@ def test_documents_hash_as_hashlib_does() -> None:
     assert sha256_digest(b"{}") == "sha256:" + hashlib.sha256(b"{}").hexdigest()
 
 
-def test_only_a_big_stream_loads_hashlib() -> None:
+def test_hashlib_loads_once_the_small_work_is_spent() -> None:
+    """Many small streams add up: past the budget, every stream is hashed by hashlib's."""
     script = (
         "import sys\n"
-        "from builder.digest import StreamSha256, _SMALL_STREAM\n"
-        "small = StreamSha256(); small.update(b'x' * _SMALL_STREAM); small.hexdigest()\n"
+        "from builder.digest import StreamSha256, _SMALL_WORK\n"
+        "for _ in range(4):\n"
+        "    small = StreamSha256(); small.update(b'x' * (_SMALL_WORK // 4)); small.hexdigest()\n"
         "print('hashlib' in sys.modules)\n"
-        "big = StreamSha256(); big.update(b'x' * _SMALL_STREAM); big.update(b'x')\n"
+        "last = StreamSha256(); last.update(b'x')\n"
         "print('hashlib' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
