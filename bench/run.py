@@ -54,7 +54,7 @@ def _log(line: str) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="small sizes, one repetition: a smoke run")
-    parser.add_argument("--reps", type=int, help="repetitions per workload (default 5, slow ones 3)")
+    parser.add_argument("--reps", type=int, help="repetitions per workload (default 9, slow ones 3)")
     names = ", ".join(w.name for w in WORKLOADS)
     parser.add_argument("--only", help=f"comma-separated workloads to run ({names})")
     parser.add_argument("--skip", default="", help="comma-separated workloads to leave out")
