@@ -283,7 +283,6 @@ class BuilderEngine:
         env = {**self.env, "BENCH_PHASES": str(phases_file)}
         if self.profile_dir is not None:
             env["BENCH_CPROFILE"] = str(self.profile_dir / f"{tag.replace(':', '-')}.prof")
-        os.sync()  # earlier runs' dirty pages are not this run's work
         waited = settle()
         measured = _run_measured(argv, env, self.log)
         if measured.status != 0:

@@ -114,8 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run.machine["load at the end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
             finally:
                 run.close()
-    except EngineError as exc:
-        _log(f"cannot make the scratch file system: {exc}")
+    except EngineError as exc:  # the scratch file system, or an engine's set-up
+        _log(str(exc))
         return 2
     finally:
         if not args.keep:

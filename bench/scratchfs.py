@@ -32,7 +32,8 @@ _IMAGE_DIR = "/var/tmp"
 def _run(*argv: str) -> str:
     result = subprocess.run(argv, capture_output=True, text=True)
     if result.returncode != 0:
-        raise EngineError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
+        command = " ".join(argv)
+        raise EngineError(f"cannot make the scratch file system: {command} failed: {result.stderr.strip()}")
     return result.stdout.strip()
 
 

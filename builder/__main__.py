@@ -21,7 +21,6 @@ from typing import NoReturn
 gc.disable()
 try:
     from builder import cli
-    from builder.errors import OutputError
 finally:
     gc.freeze()
     gc.enable()
@@ -29,27 +28,14 @@ finally:
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Run the command and end the process with its exit status: the exit handlers run (the
-    sandbox server's shutdown is one) and the standard streams are flushed, as at a normal exit,
-    then ``os._exit``. An exception that escapes the command (a bug, or argparse's exit for
-    ``--help`` and usage errors) ends the process the usual way."""
+    sandbox server's shutdown is one) and the command has flushed its output, as at a normal
+    exit, then ``os._exit``. An exception that escapes the command (a bug, or argparse's exit
+    for ``--help`` and usage errors) ends the process the usual way."""
     code = cli.main(argv)
     atexit._run_exitfuncs()
-    os._exit(_flush(code))
-
-
-def _flush(code: int) -> int:
-    """Flush the standard streams; output that could not be written fails the command, with an
-    error line unless its reader went away (a closed pipe, as in ``builder images | head -1``)."""
-    try:
-        sys.stdout.flush()
-    except OSError as exc:
-        failure = OutputError(exc)
-        if not failure.quiet:
-            print(f"error: {failure}", file=sys.stderr)
-        code = code or cli.EXIT_ERROR
     with contextlib.suppress(OSError):
         sys.stderr.flush()
-    return code
+    os._exit(code)
 
 
 if __name__ == "__main__":

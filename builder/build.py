@@ -20,7 +20,7 @@ from builder import dockerfile as dockerfile_module
 from builder.buildcontext import BuildContext, FileSums
 from builder.compression import COMPRESSIONS
 from builder.credentials import RegistryOptions
-from builder.digest import sha256_digest, sha256_hex
+from builder.digest import sha256_digest
 from builder.distribution import fetch_image
 from builder.dockerfile import Dockerfile, parse_dockerfile
 from builder.errors import BuilderError, DockerfileError, StoreError
@@ -167,17 +167,14 @@ def _parse(store: Store, text: str, filename: str) -> Dockerfile:
 
 @functools.cache
 def _parser_identity() -> str:
-    """What the parse depends on besides its input: builder's parser (its source) and the
-    installed dockerfile_parse (its files' sizes and times), found without importing it."""
-    parts = [sha256_hex(Path(dockerfile_module.__file__).read_bytes())]
+    """What the parse depends on besides its input: builder's parser and the installed
+    dockerfile_parse (found without importing it), by their files' names, sizes and times."""
+    files = [Path(dockerfile_module.__file__)]
     spec = PathFinder.find_spec("dockerfile_parse")
-    places = (spec.submodule_search_locations or []) if spec is not None else []
-    for where in places:
-        for entry in sorted(os.scandir(where), key=lambda e: e.name):
-            if entry.name.endswith(".py"):
-                info = entry.stat()
-                parts.append(f"{entry.name}:{info.st_size}:{info.st_mtime_ns}")
-    return ",".join(parts)
+    for where in (spec.submodule_search_locations or []) if spec is not None else []:
+        files += sorted(Path(where).glob("*.py"))
+    stamps = ((path, path.stat()) for path in files)
+    return ",".join(f"{path}:{info.st_size}:{info.st_mtime_ns}" for path, info in stamps)
 
 
 def build(request: BuildRequest, store: Store, log: Log) -> BuildResult:

@@ -262,7 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 private_mount_namespace()
             except OSError as exc:
                 raise SandboxError(f"builder needs root to build: {exc}") from exc
-        return _dispatch(args)
+        code = _dispatch(args)
+        _flush_output()
+        return code
     except (Exception, KeyboardInterrupt) as exc:
         # An error raised while an interrupt unwound (a cleanup it cut short) is the interrupt's.
         if _interrupted or isinstance(exc, KeyboardInterrupt):
@@ -511,6 +513,14 @@ def _out(text: str) -> None:
     """A line of the command's output (stdout); one that cannot be written is an OutputError."""
     try:
         print(text)
+    except OSError as exc:
+        raise OutputError(exc) from exc
+
+
+def _flush_output() -> None:
+    """Write out what the command printed: output that cannot be written fails the command."""
+    try:
+        sys.stdout.flush()
     except OSError as exc:
         raise OutputError(exc) from exc
 
