@@ -206,6 +206,10 @@ def _build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
     for spec in request.cache_from:
         _import_cache(store, spec, request.registry, log)
     plan, images = plan_build(request, store, log)
+    if not any(spec.mode == "max" for spec in request.cache_to):  # mode=max ships every stage
+        settings = structs.replace(
+            settings, unshipped=frozenset(plan.order) - set(_base_chain(plan, plan.target))
+        )
     for warning in plan.warnings:
         log(f"warning: {warning}")
     sums_key = sha256_digest(canonical_json({"file-sums": str(request.context.resolve())}))
@@ -223,7 +227,7 @@ def _build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
     if executor.keys != previous_keys:
         store.put_explanation(build_id, executor.keys)
     for spec in request.cache_to:
-        _export_cache(store, spec, plan, executor.stage_keys, request.registry, log)
+        _export_cache(store, spec, plan, executor.stage_keys, settings, request.registry, log)
     final = results[plan.target]
     manifest_digest, config_digest = _store_image(store, final)
     publish(request, store, manifest_digest, log)
@@ -272,6 +276,7 @@ def _export_cache(
     spec: CacheSpec,
     plan: Plan,
     stage_keys: Mapping[int, list[str]],
+    settings: BuildSettings,
     registry: RegistryOptions,
     log: Log,
 ) -> None:
@@ -281,7 +286,7 @@ def _export_cache(
     stages = plan.order if spec.mode == "max" else _base_chain(plan, plan.target)
     keys = [key for index in stages for key in stage_keys.get(index, [])]
     try:
-        digest = export_cache(store, spec, keys, registry)
+        digest = export_cache(store, spec, keys, registry, settings.compression, settings.level)
     except BuilderError as exc:
         if not spec.ignore_error:
             raise

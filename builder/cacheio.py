@@ -18,9 +18,11 @@ from typing import Any
 
 from msgspec import Struct
 
+from builder.compression import Compression
 from builder.credentials import RegistryOptions
 from builder.digest import is_digest
 from builder.errors import BuilderError, StoreError
+from builder.export import layer_as
 from builder.oci import INDEX_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, canonical_json, descriptor, parse_reference
 from builder.registry import RegistryClient
 from builder.store import Store
@@ -64,19 +66,23 @@ def parse_cache_spec(text: str, *, export: bool) -> CacheSpec:
     return CacheSpec(kind, location, mode, ignore.lower() != "false")
 
 
-def _artifact(store: Store, keys: Iterable[str]) -> tuple[bytes, bytes, list[Json]]:
-    """The config bytes, the manifest bytes and the layer descriptors of the cache artifact."""
+def _artifact(
+    store: Store, keys: Iterable[str], compression: Compression, level: int | None
+) -> tuple[bytes, bytes, list[Json]]:
+    """The config bytes, the manifest bytes and the layer descriptors of the cache artifact,
+    every layer in ``compression`` (a stage that shipped nothing stored plain tars)."""
     records: dict[str, Json] = {}
     layers: dict[str, Json] = {}
     for key in keys:
         record = store.get_cache(key)
         if record is None:
             continue
-        records[key] = record
         layer = record.get("layer")
         if layer is not None:
-            blob = layer["blob"]
+            blob = layer_as(store, dict(layer["blob"]), layer["diff_id"], compression, level)
+            record = {**record, "layer": {**layer, "blob": blob}}
             layers[blob["digest"]] = {**blob, "annotations": {DIFF_ID_ANNOTATION: layer["diff_id"]}}
+        records[key] = record
     config = canonical_json({"records": records})
     manifest = {
         "schemaVersion": 2,
@@ -88,9 +94,16 @@ def _artifact(store: Store, keys: Iterable[str]) -> tuple[bytes, bytes, list[Jso
     return config, canonical_json(manifest), list(layers.values())
 
 
-def export_cache(store: Store, spec: CacheSpec, keys: Iterable[str], options: RegistryOptions) -> str:
+def export_cache(
+    store: Store,
+    spec: CacheSpec,
+    keys: Iterable[str],
+    options: RegistryOptions,
+    compression: Compression,
+    level: int | None,
+) -> str:
     """Write the cache records of ``keys`` and their layers; returns the artifact's digest."""
-    config, manifest, layers = _artifact(store, keys)
+    config, manifest, layers = _artifact(store, keys, compression, level)
     try:
         if spec.kind == "local":
             return _export_local(store, Path(spec.location), config, manifest, layers)

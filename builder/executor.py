@@ -28,7 +28,7 @@ from msgspec import Struct, field
 
 from builder.buildcontext import BuildContext, digest_entry
 from builder.cachekey import CacheKey, base_key, explain_miss, step_fields, step_key
-from builder.compression import COMPRESSION_ANNOTATION, Compression
+from builder.compression import COMPRESSION_ANNOTATION, COMPRESSIONS, Compression
 from builder.digest import sha256_digest
 from builder.errors import BuilderError, ContextError, SandboxError, StepFailed
 from builder.fscopy import make_dirs
@@ -74,6 +74,10 @@ class BuildSettings(Struct, frozen=True):
     dockerfile: str  # the Dockerfile's name, for messages
     secrets: Mapping[str, bytes] = field(default_factory=dict)  # --secret: never keyed or stored
     previous_keys: Mapping[str, Json] = field(default_factory=dict)  # last build's, to explain misses
+    # Stages no image of this build holds (COPY --from and RUN --mount sources alone): their
+    # layers are stored as plain tars, hashed once and never compressed, as BuildKit compresses
+    # nothing before an export. A later build that ships one compresses it then, once.
+    unshipped: frozenset[int] = frozenset()
 
 
 @contextlib.contextmanager
@@ -142,6 +146,7 @@ class StageExecutor:
         self.keys: dict[str, Json] = {}  # "stage/step" → CacheKey.to_json(), for the next explanation
         self.stage_keys: dict[int, list[str]] = {}  # the cache keys each stage used, for --cache-to
         self.needs_sandbox = False  # whether the stage being run has RUN steps
+        self.ships = True  # whether the stage's layers go into an image (see BuildSettings.unshipped)
 
     def for_stage(self, index: int) -> StageExecutor:
         """An executor for stage ``index``: the same collaborators, stop flag, claims and log,
@@ -154,6 +159,7 @@ class StageExecutor:
         executor = copy.copy(self)
         executor.workdir = workdir
         executor.executed, executor.keys, executor.stage_keys = 0, {}, {}
+        executor.ships = index not in self.settings.unshipped
         return executor
 
     def absorb(self, finished: StageExecutor) -> None:
@@ -329,9 +335,10 @@ class StageExecutor:
 
     def _layer(self, recorded: Json) -> Layer:
         """A recorded layer in this build's compression: a cache filled by a gzip build serves a
-        zstd build with zstd blobs (converted once; the store keeps both)."""
+        zstd build with zstd blobs (converted once; the store keeps both). A stage that ships
+        nothing takes any."""
         blob, compression = recorded["blob"], self.settings.compression
-        if blob.get("mediaType") != compression.media_type:
+        if self.ships and blob.get("mediaType") != compression.media_type:
             from builder.export import layer_as  # only when compressions differ (cached-path start-up)
 
             blob = layer_as(self.store, dict(blob), recorded["diff_id"], compression, self.settings.level)
@@ -373,16 +380,14 @@ class StageExecutor:
         from builder.layer import write_layer  # a cached build writes none (start-up time)
 
         lowers = [self.snapshots.path(d) for d in reversed(diff_ids)]
-        settings = self.settings
+        epoch = self.settings.epoch
+        compression, level = (
+            (self.settings.compression, self.settings.level)
+            if self.ships
+            else (COMPRESSIONS["uncompressed"], None)
+        )
         with self.store.blob_writer() as writer:
-            blob = write_layer(
-                upper,
-                lowers,
-                writer.file,
-                compression=settings.compression,
-                level=settings.level,
-                epoch=settings.epoch,
-            )
+            blob = write_layer(upper, lowers, writer.file, compression=compression, level=level, epoch=epoch)
             if blob is None:
                 return None
             writer.commit_hashed(blob.digest)
@@ -391,7 +396,7 @@ class StageExecutor:
             "digest": blob.digest,
             "size": blob.size,
             # How to recompress the tar to these bytes, for whoever verifies the build.
-            "annotations": {COMPRESSION_ANNOTATION: settings.compression.settings(settings.level)},
+            "annotations": {COMPRESSION_ANNOTATION: compression.settings(level)},
         }
         self.store.add_layer_blob(blob.diff_id, desc)
         self.snapshots.commit(blob.diff_id, upper)

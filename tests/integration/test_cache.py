@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -134,6 +135,70 @@ def test_exported_cache_makes_a_fresh_store_run_nothing(
     assert again.stdout == first.stdout
     # mode=min keeps only the final image's steps; the deps stage must run again to feed COPY --from
     assert f"({0 if mode == 'max' else 1} steps run)" in again.stderr
+
+
+TWO_STAGES = (
+    "FROM busybox:latest AS deps\nRUN echo deps > /deps\n"
+    "FROM busybox:latest\nCOPY --from=deps /deps /deps\nRUN echo app > /app\n"
+)
+
+
+def _records(store: Path) -> list[dict]:
+    return [json.loads(path.read_bytes()) for path in (store / "cache").glob("*.json")]
+
+
+def _record_media_types(store: Path) -> list[str]:
+    return sorted(record["layer"]["blob"]["mediaType"] for record in _records(store) if record.get("layer"))
+
+
+def test_a_stage_no_image_holds_is_stored_uncompressed_and_compressed_once_shipped(
+    tmp_path: Path, store: Path, busybox_layout: Path
+) -> None:
+    """As BuildKit compresses nothing before an export: the deps stage's layer is a plain tar
+    until a build ships it, and then the image is the one a store that built it first makes."""
+    context = tmp_path / "m"
+    context.mkdir()
+    (context / "Dockerfile").write_text(TWO_STAGES)
+    epoch = ("--source-date-epoch", "1700000000")
+    run_builder("build", *epoch, str(context), root=store)
+    assert _record_media_types(store) == [
+        "application/vnd.oci.image.layer.v1.tar",  # deps: RUN
+        "application/vnd.oci.image.layer.v1.tar+gzip",  # the final stage: COPY, RUN
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+    ]
+    shipped = run_builder("build", *epoch, "--target", "deps", str(context), root=store)
+    assert "(0 steps run)" in shipped.stderr
+    fresh = tmp_path / "fresh-store"
+    run_builder("load", f"oci:{busybox_layout}", "-t", "busybox:latest", root=fresh)
+    direct = run_builder("build", *epoch, "--target", "deps", str(context), root=fresh)
+    assert "(1 steps run)" in direct.stderr
+    assert shipped.stdout == direct.stdout
+    assert _record_media_types(fresh) == ["application/vnd.oci.image.layer.v1.tar+gzip"]
+
+
+def test_a_cache_export_compresses_what_a_build_stored_uncompressed(
+    tmp_path: Path, store: Path, busybox_layout: Path
+) -> None:
+    context = tmp_path / "m"
+    context.mkdir()
+    (context / "Dockerfile").write_text(TWO_STAGES)
+    run_builder("build", str(context), root=store)  # deps stored as a plain tar
+    assert "application/vnd.oci.image.layer.v1.tar" in _record_media_types(store)
+    cache = tmp_path / "cache"
+    first = run_builder("build", "--cache-to", f"type=local,dest={cache},mode=max", str(context), root=store)
+    assert "(0 steps run)" in first.stderr
+    index = json.loads((cache / "index.json").read_bytes())
+    manifest = json.loads((cache / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_bytes())
+    diff_ids = {record["layer"]["diff_id"] for record in _records(store) if record.get("layer")}
+    assert {layer["annotations"]["dev.builder.cache.diff_id"] for layer in manifest["layers"]} == diff_ids
+    assert {layer["mediaType"] for layer in manifest["layers"]} == {
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    }
+    fresh = tmp_path / "fresh-store"
+    run_builder("load", f"oci:{busybox_layout}", "-t", "busybox:latest", root=fresh)
+    again = run_builder("build", "--cache-from", f"type=local,src={cache}", str(context), root=fresh)
+    assert again.stdout == first.stdout
+    assert "(0 steps run)" in again.stderr
 
 
 def test_a_missing_cache_source_is_a_warning(tmp_path: Path, store: Path) -> None:
