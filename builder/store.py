@@ -18,8 +18,9 @@ and a killed build leaves nothing half written: the page cache outlives the proc
 
 Durability against a power cut costs one syncfs(2) per tag instead of an fsync per write. Blobs
 and records are renamed into place unsynced; before a tag is written, the whole store file
-system is synced (snapshots included, which were never synced one by one), and the tag is
-written with fsync: a tag never points at anything that is not durably there. What a power cut
+system is synced (snapshots included, which were never synced one by one, and the new tag's
+bytes, not yet renamed into place), then the tag is renamed into place and its directory
+synced: a tag never points at anything that is not durably there, for two flushes a tag. What a power cut
 can take before that barrier is only what a tag does not reach yet: a cache record or memo that
 is lost or left empty reads as absent (a cache miss); a blob it cuts short is no longer the size
 its descriptor says, which ``has_blob`` with a size and the layer index check (ext4 and xfs cut
@@ -238,7 +239,9 @@ class Store:
     # small JSON records, each replaced atomically
 
     def _write_record(self, path: Path, document: Any, *, durable: bool = False) -> None:
-        """Replace a record atomically; ``durable`` ones are on disk when this returns."""
+        """Replace a record atomically. A ``durable`` one is on disk when this returns, and so
+        is everything written to the store before it: the store is synced (the record's
+        bytes with it) before the record is renamed into place, and the rename after."""
         with deferred_signals():  # a small file: written whole, never left half way in tmp/
             fd, name = self.temp_file("rec-")
             try:
@@ -246,7 +249,7 @@ class Store:
                     json.dump(document, file, sort_keys=True)
                     file.flush()
                     if durable:
-                        os.fsync(file.fileno())
+                        self.sync()
                     os.replace(name, path)  # before the close ends the lock that marks it in use
                 if durable:
                     _fsync_dir(path.parent)
@@ -274,7 +277,6 @@ class Store:
         """Point a tag at a manifest, durably, once all it reaches is durable (see the module's text)."""
         if self.get_tag(name) == manifest_digest:
             return  # set durably before, after a sync: nothing to write
-        self.sync()
         self._write_record(self._tag_path(name), {"manifest": manifest_digest}, durable=True)
 
     def get_tag(self, name: str) -> str | None:

@@ -239,3 +239,33 @@ def test_check_finds_and_repairs_damage(tmp_path: Path, store: Path, busybox_lay
     run_builder("load", f"oci:{busybox_layout}", "-t", "busybox:latest", root=store)
     assert run_builder("check", root=store, check=False).returncode == 0
     assert build(context, store) == expected
+
+
+def test_a_tag_is_renamed_into_place_between_the_store_sync_and_a_sync_of_its_directory(
+    tmp_path: Path, store: Path
+) -> None:
+    """The order that makes a tag durable, and never ahead of what it reaches: the blobs are
+    renamed in, the whole store is synced (the tag's bytes with it), then the tag is renamed
+    into place and its directory synced: two flushes. Read from the build's system calls."""
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Dockerfile").write_text("FROM busybox:latest\nRUN echo durable > /d\n")
+    trace = tmp_path / "trace"
+    argv = ["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=syncfs,fsync,fdatasync,rename,renameat2"]
+    result = subprocess.run(
+        [*argv, sys.executable, "-m", "builder", "build", "-t", "durable:1", str(context)],
+        env={**os.environ, "BUILDER_ROOT": str(store)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    calls = [line.split(None, 1)[1] for line in trace.read_text().splitlines()]
+    tag = next(i for i, call in enumerate(calls) if "/tags/" in call and call.startswith("rename"))
+    last_blob = max(i for i, call in enumerate(calls) if "/blobs/sha256/" in call)
+    syncs = [i for i, call in enumerate(calls) if call.startswith("syncfs")]
+    sync = max(i for i in syncs if i < tag)
+    assert last_blob < sync, calls
+    flushes = [i for i, call in enumerate(calls) if call.startswith(("fsync", "fdatasync"))]
+    assert not [i for i in flushes if sync < i < tag], "the tag's bytes were flushed again"
+    assert [i for i in flushes if i > tag], calls
