@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import tarfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, cast
@@ -23,23 +22,27 @@ from typing import BinaryIO, NamedTuple, cast
 from builder.compression import BLOCK, Compression, LayerBlob, encoding, open_layer
 from builder.digest import StreamSha256
 from builder.errors import LayerError
+from builder.oci import OPAQUE_XATTR, WHITEOUT_OPAQUE, WHITEOUT_PREFIX
 from builder.store import write_back
-from builder.tarsafe import OPAQUE_XATTR, WHITEOUT_OPAQUE, WHITEOUT_PREFIX, apply_layer
 
 __all__ = ["apply_blob", "compress_stream", "diff_upperdir", "write_layer"]
 
 # The tar block's first size: the whole tar of most layers, and below malloc's mmap threshold.
 _FIRST_BLOCK = 1 << 16
 _CHUNK = 1 << 20
-_BLOCKSIZE = tarfile.BLOCKSIZE
+# The tar format's own constants (POSIX ustar), as tarfile has them: writing a layer does not
+# import tarfile, which only entries that need a PAX record call on (start-up of the RUN path).
+_BLOCKSIZE = 512
+_REGTYPE, _LNKTYPE, _SYMTYPE, _CHRTYPE = b"0", b"1", b"2", b"3"
+_BLKTYPE, _DIRTYPE, _FIFOTYPE = b"4", b"5", b"6"
 _ZEROS = bytes(_BLOCKSIZE)
 # The ustar header's numeric fields hold 7 (ids, devices) or 11 (size, mtime) octal digits;
 # a bigger value needs a PAX record. The checksum counts its own field as eight spaces.
 _USTAR_ID_LIMIT = 8**7
 _USTAR_NUMBER_LIMIT = 8**11
-_USTAR_MAGIC = tarfile.POSIX_MAGIC
+_USTAR_MAGIC = b"ustar\x0000"
 _USTAR_CHECKSUM_BASE = 8 * ord(" ") + sum(_USTAR_MAGIC)
-_DEVICE_KINDS = (tarfile.CHRTYPE, tarfile.BLKTYPE)
+_DEVICE_KINDS = (_CHRTYPE, _BLKTYPE)
 _NO_DEVICE = bytes(16)
 
 _OVERLAY_OPAQUE = (OPAQUE_XATTR, "user.overlay.opaque")
@@ -327,6 +330,8 @@ def _ustar_header(h: _Header) -> bytes | None:
 def _pax_header(h: _Header) -> bytes:
     # PAX format adds a record only for what ustar cannot hold (long or non-ASCII names,
     # big ids or sizes, xattrs); surrogateescape carries non-UTF-8 name bytes through.
+    import tarfile  # see _BLOCKSIZE
+
     info = tarfile.TarInfo(h.name.decode(*_UTF8))
     info.type, info.mode, info.uid, info.gid = h.kind, h.mode, h.uid, h.gid
     info.mtime, info.size, info.linkname = h.mtime, h.size, h.linkname.decode(*_UTF8)
@@ -448,7 +453,7 @@ class _Differ:
         else:
             parent, name = rel, WHITEOUT_OPAQUE.encode()
         self.flush_parents()
-        self.tar.header(_Header(parent + b"/" + name if parent else name, tarfile.REGTYPE))
+        self.tar.header(_Header(parent + b"/" + name if parent else name, _REGTYPE))
 
     def write(self, rel: bytes, st: os.stat_result, names: list[str]) -> None:
         path = self.upper + b"/" + rel
@@ -457,23 +462,23 @@ class _Differ:
         xattrs = tuple(_kept_xattrs(path, names).items())  # sorted by name, as the PAX records
         key = (st.st_dev, st.st_ino)
         if stat.S_ISDIR(mode):
-            header = _Header(rel + b"/", tarfile.DIRTYPE, *owner, xattrs=xattrs)
+            header = _Header(rel + b"/", _DIRTYPE, *owner, xattrs=xattrs)
         elif st.st_nlink > 1 and key in self.links:
-            header = _Header(rel, tarfile.LNKTYPE, *owner, linkname=self.links[key], xattrs=xattrs)
+            header = _Header(rel, _LNKTYPE, *owner, linkname=self.links[key], xattrs=xattrs)
         elif stat.S_ISLNK(mode):
-            header = _Header(rel, tarfile.SYMTYPE, *owner, linkname=os.readlink(path), xattrs=xattrs)
+            header = _Header(rel, _SYMTYPE, *owner, linkname=os.readlink(path), xattrs=xattrs)
         elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-            kind = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
+            kind = _CHRTYPE if stat.S_ISCHR(mode) else _BLKTYPE
             major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
             header = _Header(rel, kind, *owner, devmajor=major, devminor=minor, xattrs=xattrs)
         elif stat.S_ISFIFO(mode):
-            header = _Header(rel, tarfile.FIFOTYPE, *owner, xattrs=xattrs)
+            header = _Header(rel, _FIFOTYPE, *owner, xattrs=xattrs)
         else:
-            header = _Header(rel, tarfile.REGTYPE, *owner, size=st.st_size, xattrs=xattrs)
+            header = _Header(rel, _REGTYPE, *owner, size=st.st_size, xattrs=xattrs)
         if not stat.S_ISDIR(mode) and st.st_nlink > 1:
             self.links.setdefault(key, rel)  # later names become hard links to this one
         self.tar.header(header)
-        if header.kind == tarfile.REGTYPE and header.size:
+        if header.kind == _REGTYPE and header.size:
             self.tar.content(path, st)
 
 
@@ -528,6 +533,8 @@ def apply_blob(blob: BinaryIO, root: Path, *, diff_id: str, overlay_whiteouts: b
     without a second pass; the caller discards ``root`` on a LayerError.
     """
     reader = _HashingReader(open_layer(blob))
+    from builder.tarsafe import apply_layer  # reading layers: not on the path that writes them
+
     apply_layer(cast(BinaryIO, reader), root, overlay_whiteouts=overlay_whiteouts)
     while reader.read(_CHUNK):  # the tar's end-of-archive padding counts too
         pass

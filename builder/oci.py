@@ -28,6 +28,9 @@ __all__ = [
     "INDEX_MEDIA_TYPES",
     "LAYER_COMPRESSIONS",
     "MANIFEST_MEDIA_TYPE",
+    "OPAQUE_XATTR",
+    "WHITEOUT_OPAQUE",
+    "WHITEOUT_PREFIX",
     "Reference",
     "canonical_json",
     "descriptor",
@@ -38,6 +41,12 @@ __all__ = [
 ]
 
 MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
+# A deletion in a layer tar (the image spec's whiteouts): ".wh.NAME" deletes NAME, the opaque
+# marker hides everything below its directory. In a snapshot, overlayfs's own forms stand for
+# them: a 0/0 character device, and this extended attribute on an opaque directory.
+WHITEOUT_PREFIX = ".wh."
+WHITEOUT_OPAQUE = ".wh..wh..opq"
+OPAQUE_XATTR = "trusted.overlay.opaque"
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 DOCKER_MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"

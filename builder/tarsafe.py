@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 from builder.errors import LayerError
+from builder.oci import OPAQUE_XATTR, WHITEOUT_OPAQUE, WHITEOUT_PREFIX
 
-__all__ = ["OPAQUE_XATTR", "WHITEOUT_OPAQUE", "WHITEOUT_PREFIX", "apply_layer"]
+__all__ = ["apply_layer"]
 
-WHITEOUT_PREFIX = ".wh."
-WHITEOUT_OPAQUE = ".wh..wh..opq"
 # Other ".wh..wh." names are aufs bookkeeping (.wh..wh.plnk, .wh..wh.aufs), never content.
 _WHITEOUT_META = ".wh..wh."
-OPAQUE_XATTR = "trusted.overlay.opaque"
 _XATTR_PAX = "SCHILY.xattr."
 _MAX_SYMLINKS = 40  # Linux's MAXSYMLINKS: past this, resolution is a loop
 _CHUNK = 1 << 20

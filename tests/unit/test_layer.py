@@ -770,6 +770,13 @@ def test_edge_case_headers_are_byte_for_byte_tarfiles(header: layer._Header) -> 
     assert layer._header_bytes(header) == tarfile_header(header)
 
 
+def test_the_tar_constants_are_tarfiles() -> None:
+    """The writer spells the format's constants itself (it does not import tarfile)."""
+    kinds = ("REGTYPE", "LNKTYPE", "SYMTYPE", "CHRTYPE", "BLKTYPE", "DIRTYPE", "FIFOTYPE")
+    assert [getattr(layer, f"_{kind}") for kind in kinds] == [getattr(tarfile, kind) for kind in kinds]
+    assert (layer._BLOCKSIZE, layer._USTAR_MAGIC) == (tarfile.BLOCKSIZE, tarfile.POSIX_MAGIC)
+
+
 def test_common_entries_take_the_fast_path() -> None:
     """The comparisons above mean something only if the fast path is taken where it can be."""
     fast = {h.name for h in EDGE_HEADERS if layer._ustar_header(h) is not None}
