@@ -23,6 +23,7 @@ the server as a new Python instead (this module run with ``-c``), as slow as bef
 
 from __future__ import annotations
 
+import _socket  # see _socketpair
 import _thread
 import atexit
 import contextlib
@@ -30,7 +31,6 @@ import gc
 import os
 import select
 import signal
-import socket
 import struct
 import sys
 import time
@@ -126,17 +126,17 @@ class _Request:
     """
 
     def __init__(self) -> None:
-        self.sock, self._theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock, self._theirs = _socketpair(_socket.SOCK_STREAM)
         self.stopped = False  # by stop_all
 
-    def send(self, control: socket.socket, spec: SandboxSpec, stdout: int, stderr: int) -> None:
+    def send(self, control: _socket.socket, spec: SandboxSpec, stdout: int, stderr: int) -> None:
         """A server that has gone shows later, as a request that ends without a status."""
         data = spec.to_json().encode()
         try:
             if self.stopped:  # by stop_all before it started: not started at all
                 return
             with contextlib.suppress(ConnectionError):
-                socket.send_fds(control, [_REQUEST], [self._theirs.fileno(), stdout, stderr])
+                _send_fds(control, _REQUEST, [self._theirs.fileno(), stdout, stderr])
                 self._theirs.close()  # the server has its own copy now
                 self.sock.sendall(struct.pack("!I", len(data)) + data)
         finally:
@@ -145,12 +145,12 @@ class _Request:
     def wait(self, timeout: float | None = None) -> int | None:
         """The exit status, or None when the server hung up without sending one."""
         self.sock.settimeout(timeout)
-        data = self.sock.recv(4, socket.MSG_WAITALL)
+        data = self.sock.recv(4, _socket.MSG_WAITALL)
         return struct.unpack("!i", data)[0] if len(data) == 4 else None
 
     def hang_up(self) -> None:
         with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.shutdown(_socket.SHUT_WR)
 
     def stop(self) -> None:
         """Make the server stop the child and wait for it to clean up, a bounded time."""
@@ -164,6 +164,7 @@ class _Request:
 
 
 _REQUEST = b"run"  # the message that carries a request's descriptors on the control socket
+_INT = struct.Struct("i")  # a descriptor, as SCM_RIGHTS carries it
 # Plain locks from _thread: the server process does not need the threading module's start-up time.
 _requests_lock = _thread.allocate_lock()
 _requests: set[_Request] = set()  # running now, for stop_all
@@ -192,7 +193,34 @@ def _fileno(stream: int | IO[Any] | None, default: int) -> int:
     return stream if isinstance(stream, int) else stream.fileno()
 
 
-def _server() -> socket.socket:
+# The sockets are the C module's, which the socket module wraps: importing that module costs
+# about 3 ms (it makes enum classes of all its constants), a tenth of a build that runs one step.
+# What this needs of it beyond the C module is its two helpers for passing descriptors, below.
+
+
+def _socketpair(kind: int) -> tuple[_socket.socket, _socket.socket]:
+    return _socket.socketpair(_socket.AF_UNIX, kind)
+
+
+def _send_fds(sock: _socket.socket, message: bytes, fds: list[int]) -> None:
+    """socket.send_fds: ``message`` with the descriptors ``fds`` attached."""
+    rights = b"".join(_INT.pack(fd) for fd in fds)
+    sock.sendmsg([message], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
+
+
+def _recv_fds(sock: _socket.socket, size: int, most: int) -> tuple[bytes, list[int]]:
+    """socket.recv_fds: a message and the descriptors attached to it (close-on-exec)."""
+    message, ancillary, _, _ = sock.recvmsg(
+        size, _socket.CMSG_LEN(most * _INT.size), _socket.MSG_CMSG_CLOEXEC
+    )
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds += (fd for (fd,) in _INT.iter_unpack(data[: len(data) - len(data) % _INT.size]))
+    return message, fds
+
+
+def _server() -> _socket.socket:
     """The control socket of this process's server, started if none runs."""
     global _running
     with _server_lock:
@@ -225,7 +253,7 @@ class _ForkedServer:
     """
 
     def __init__(self) -> None:
-        self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.control, theirs = _socketpair(_socket.SOCK_SEQPACKET)
         builder = os.getpid()
         try:
             self.pid = os.fork()
@@ -246,7 +274,7 @@ class _ForkedServer:
     def close(self) -> None:
         """Hang up the control socket: the server stops its children, then ends."""
         with contextlib.suppress(OSError):
-            self.control.shutdown(socket.SHUT_RDWR)
+            self.control.shutdown(_socket.SHUT_RDWR)
         if not self._ended:
             with contextlib.suppress(ChildProcessError):  # reaped by someone else (SIGCHLD ignored)
                 os.waitpid(self.pid, 0)
@@ -254,7 +282,7 @@ class _ForkedServer:
         self.control.close()
 
 
-def _forked_server(control: socket.socket, builder: int) -> NoReturn:
+def _forked_server(control: _socket.socket, builder: int) -> NoReturn:
     """The forked server's process: nothing of the builder's but its memory, which it never hands
     back (no atexit handler, no buffer flushed, no finalizer run: it ends with os._exit)."""
     global _builder_streams
@@ -304,7 +332,7 @@ class _ScriptServer:
     def __init__(self) -> None:
         import threading
 
-        self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.control, theirs = _socketpair(_socket.SOCK_SEQPACKET)
         self._started = threading.Event()
         self._failure: OSError | None = None
         self._thread = threading.Thread(
@@ -317,7 +345,7 @@ class _ScriptServer:
             self.control.close()
             raise self._failure
 
-    def _start_and_wait(self, theirs: socket.socket) -> None:
+    def _start_and_wait(self, theirs: _socket.socket) -> None:
         import subprocess
 
         # Stop signals are the main thread's to take (it may hold them back for a while).
@@ -345,17 +373,17 @@ class _ScriptServer:
     def close(self) -> None:
         """Hang up the control socket: the server stops its children, then ends."""
         with contextlib.suppress(OSError):
-            self.control.shutdown(socket.SHUT_RDWR)
+            self.control.shutdown(_socket.SHUT_RDWR)
         self._thread.join()
         self.control.close()
 
 
 def _main(argv: list[str]) -> NoReturn:
     """The new Python of a _ScriptServer: ``CONTROL_FD BUILDER_PID``."""
-    sys.exit(_serve(socket.socket(fileno=int(argv[0])), int(argv[1])))
+    sys.exit(_serve(_socket.socket(fileno=int(argv[0])), int(argv[1])))
 
 
-def _serve(control: socket.socket, builder: int) -> int:
+def _serve(control: _socket.socket, builder: int) -> int:
     """The server: a child per request until the control socket closes, the builder dies or a
     stop signal comes; then stop the children still running (they clean up) and end."""
     with open("/proc/self/comm", "wb") as comm:
@@ -390,7 +418,7 @@ class _Child:
 
     __slots__ = ("pid", "pidfd", "sandbox", "sock", "watched")
 
-    def __init__(self, sandbox: Sandbox, pid: int, pidfd: int, sock: socket.socket) -> None:
+    def __init__(self, sandbox: Sandbox, pid: int, pidfd: int, sock: _socket.socket) -> None:
         self.sandbox = sandbox
         self.pid = pid  # of its init
         self.pidfd = pidfd  # readable once init and all its PID namespace have ended
@@ -402,7 +430,7 @@ class _Children:
     """The server's running sandboxes, and what it polls: the control socket, each init's pidfd
     and each request socket (hung up when the builder gives up on the request)."""
 
-    def __init__(self, control: socket.socket) -> None:
+    def __init__(self, control: _socket.socket) -> None:
         self._control = control
         self._poll = select.poll()
         self._poll.register(control, select.POLLIN)
@@ -437,14 +465,14 @@ class _Children:
 
     def _accept(self) -> bool:
         """Start the sandbox of the next request; False once the control socket has closed."""
-        message, fds, _, _ = socket.recv_fds(self._control, len(_REQUEST), 3, socket.MSG_CMSG_CLOEXEC)
+        message, fds = _recv_fds(self._control, len(_REQUEST), 3)
         if not message:
             return False
         if message != _REQUEST or len(fds) != 3:  # not run_sandboxed's: nobody to answer
             for fd in fds:
                 os.close(fd)
             return True
-        sock = socket.socket(fileno=fds[0])
+        sock = _socket.socket(fileno=fds[0])
         # Held back until the sandbox is registered: a stop signal must find it among those to
         # stop, with its stubs to remove.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -456,7 +484,7 @@ class _Children:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return True
 
-    def _start(self, sock: socket.socket, stdout: int, stderr: int) -> None:
+    def _start(self, sock: _socket.socket, stdout: int, stderr: int) -> None:
         """Read the spec, prepare and start its sandbox; a failure is one line on the request's
         stderr and SETUP_FAILED."""
         try:
@@ -470,7 +498,7 @@ class _Children:
             problem = f"cannot start the sandbox: {e.strerror or e}." if isinstance(e, OSError) else str(e)
             with contextlib.suppress(OSError):  # the builder may have gone
                 os.write(stderr, f"sandbox: {problem}\n".encode())
-            with sock, contextlib.suppress(OSError):
+            with contextlib.closing(sock), contextlib.suppress(OSError):
                 sock.sendall(struct.pack("!i", SETUP_FAILED))
             return
         child = _Child(sandbox, pid, os.pidfd_open(pid), sock)
@@ -498,14 +526,14 @@ class _Children:
         child.sock.close()
 
 
-def _receive_spec(sock: socket.socket) -> SandboxSpec:
+def _receive_spec(sock: _socket.socket) -> SandboxSpec:
     """The spec from the builder: its length in 4 bytes, then the JSON."""
     (size,) = struct.unpack("!I", _receive_exactly(sock, 4))
     return SandboxSpec.from_json(_receive_exactly(sock, size).decode())
 
 
-def _receive_exactly(sock: socket.socket, size: int) -> bytes:
-    data = sock.recv(size, socket.MSG_WAITALL)
+def _receive_exactly(sock: _socket.socket, size: int) -> bytes:
+    data = sock.recv(size, _socket.MSG_WAITALL)
     if len(data) != size:
         raise SetupError("the builder hung up before it sent the whole spec.")
     return data
