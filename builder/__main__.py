@@ -10,15 +10,16 @@ The command then ends the way the interpreter would, but for tearing its objects
 one, which nothing needs and which took about 5 ms of a build that ran a step: see :func:`main`.
 """
 
+import gc
+
+gc.disable()  # first: the imports below (typing among them) make objects too
 import atexit
 import contextlib
-import gc
 import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-gc.disable()
 try:
     from builder import cli
 finally:
