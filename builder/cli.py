@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -214,15 +215,37 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
 }
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, told the terminal's width: argparse makes one for every flag it adds, and one
+    left to find the width imports shutil, which a cached build has no other use for."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_terminal_columns() - 2)  # argparse's own margin
+
+
+@functools.cache
+def _terminal_columns() -> int:
+    """$COLUMNS, else the width of the terminal on standard output, else 80 (as shutil's)."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    try:
+        return os.get_terminal_size(1).columns or 80
+    except OSError:
+        return 80
+
+
 def _parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """The command line's parser. Only the command being run gets its flags (start-up time);
     without a known command (none, --help, a typo) every command does, for the usage."""
     wanted = argv[0] if argv and argv[0] in _COMMANDS else None
-    parser = argparse.ArgumentParser(prog="builder", description="Build OCI images from Dockerfiles.")
+    parser = argparse.ArgumentParser(
+        prog="builder", description="Build OCI images from Dockerfiles.", formatter_class=_HelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_flags) in _COMMANDS.items():
         if wanted in (None, name):
-            sub = commands.add_parser(name, help=help_text)
+            sub = commands.add_parser(name, help=help_text, formatter_class=_HelpFormatter)
             add_flags(sub)
             add_setting_flags(sub, name)
     return parser

@@ -9,7 +9,6 @@ pull or a push only (start-up of the cached path).
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import urllib.parse
@@ -30,6 +29,8 @@ class Credentials(Struct, frozen=True):
     password: str
 
     def basic(self) -> str:
+        import base64  # only a registry that asks for credentials needs it (start-up time)
+
         return "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
 
 
@@ -53,6 +54,8 @@ def load_credentials(registry: str, path: Path | None = None) -> Credentials | N
         return None
     except (OSError, ValueError) as exc:
         raise RegistryError(f"cannot read the credentials in {path}: {exc}.") from exc
+    import base64  # only registries need it (start-up of the cached path)
+
     wanted = _DOCKER_HUB_KEYS if registry == DOCKER_HUB else (registry,)
     auths = document.get("auths") if isinstance(document, dict) else None
     for key, entry in (auths or {}).items():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import shutil
 import sys
 import threading
 import time
@@ -370,6 +369,8 @@ class StageExecutor:
             elif isinstance(step, WorkdirStep):
                 self._mkdir(step, mounted)
         assert mounted.upper is not None
+        import shutil  # only a step that runs needs it (start-up of the cached path)
+
         try:
             layer = self._commit(mounted.upper, lowers)
         finally:

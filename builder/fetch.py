@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-import shutil
 import urllib.parse
 from pathlib import Path
 
@@ -142,6 +141,8 @@ def fetch_git(source: GitSource, scratch: Path, *, keep_git_dir: bool, checksum:
     checkout = scratch / "git" / key
     done = checkout.with_name(key + ".commit")
     if not done.is_file():
+        import shutil  # only a git source needs it (start-up of the cached path)
+
         shutil.rmtree(checkout, ignore_errors=True)
         checkout.parent.mkdir(parents=True, exist_ok=True)
         commit = _clone(source, checkout)

@@ -17,8 +17,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -111,7 +109,10 @@ class Snapshotter:
         blobs = self.store.layer_blobs(diff_id)
         if not blobs:
             raise StoreError(f"no stored blob holds layer {diff_id}; pull or load its image again.")
-        from builder.layer import apply_blob  # a build whose snapshots are all there unpacks none
+        import shutil  # a build whose snapshots are all there unpacks none (start-up time)
+        import tempfile
+
+        from builder.layer import apply_blob
 
         staging = None
         try:  # a name of its own: two threads may unpack the same layer at once, one wins commit
@@ -135,6 +136,8 @@ class Snapshotter:
         except OSError:
             if not self.has(diff_id):
                 raise
+            import shutil  # a lost race alone (start-up of the cached path)
+
             shutil.rmtree(upper, ignore_errors=True)
         self.short(diff_id)
 
@@ -146,6 +149,9 @@ class Snapshotter:
                 f"the image has {len(diff_ids)} layers; overlay mounts here stack at most "
                 f"{MAX_LAYERS}. Squash some RUN steps together."
             )
+        import shutil  # a cached build mounts nothing (start-up time)
+        import tempfile
+
         lowers = [self._lower(d, workdir) for d in reversed(diff_ids)] + ["l/empty"]
         options = f"lowerdir={':'.join(lowers)},{_OVERLAY_OPTIONS}"
         upper = work = None

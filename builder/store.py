@@ -37,9 +37,7 @@ import fcntl
 import io
 import json
 import os
-import shutil
 import stat
-import tempfile
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -412,6 +410,8 @@ class Store:
 
     def temp_file(self, prefix: str) -> tuple[int, Path]:
         """A new file in tmp/, flock()ed for as long as the returned descriptor is open."""
+        import tempfile  # a cached build writes no record (start-up time)
+
         while True:
             try:
                 fd, name = tempfile.mkstemp(dir=self.root / "tmp", prefix=prefix)
@@ -439,11 +439,18 @@ class Store:
                     os.close(made[1])
 
     def _new_workdir(self) -> tuple[Path, int]:
-        """A new dir in tmp/ and the descriptor of its flock()ed lock file."""
+        """A new dir in tmp/ and the descriptor of its flock()ed lock file. Named after this
+        process (no other live one has its PID) rather than at random by tempfile, which a
+        cached build does not import (start-up time)."""
+        attempt = 0
         while True:
+            attempt += 1
+            path = self.root / "tmp" / f"build-{os.getpid()}-{attempt}"
             try:
-                path = Path(tempfile.mkdtemp(dir=self.root / "tmp", prefix="build-"))
+                path.mkdir(0o700)
                 fd = os.open(path / ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                continue  # a dead process's of the same PID, or this one's from before
             except OSError as exc:
                 raise self.storage_error(exc) from exc
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -457,12 +464,11 @@ class Store:
         # The lock file goes last: a dir this cannot empty (a mount still on it) keeps its
         # lock, so the next build can tell it is stale and remove it.
         for child in path.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            elif child.name != ".lock":
-                child.unlink(missing_ok=True)
+            if child.name != ".lock":
+                _remove_tree(child)
         if [child.name for child in path.iterdir()] == [".lock"]:
-            shutil.rmtree(path, ignore_errors=True)
+            (path / ".lock").unlink()
+            path.rmdir()
 
     def stale_temp(self, *, remove: bool) -> list[Path]:
         """Work dirs and temp files in tmp/ that no process holds: left by one that was killed.
@@ -479,10 +485,8 @@ class Store:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 found.append(path)
-                if remove and path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                elif remove:
-                    path.unlink(missing_ok=True)
+                if remove:
+                    _remove_tree(path)
             except BlockingIOError:
                 continue
             finally:
@@ -492,6 +496,20 @@ class Store:
     def remove_stale_workdirs(self) -> None:
         """Remove what builds, loads and pulls that died left in tmp/ (see stale_temp)."""
         self.stale_temp(remove=True)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a file or a directory tree, as far as it can be. The work dir of a cached build
+    holds empty dirs alone, which go without importing shutil (start-up time)."""
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            path.rmdir()
+        else:
+            path.unlink()
+    if os.path.lexists(path):
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

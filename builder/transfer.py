@@ -11,9 +11,7 @@ executor adds the Dockerfile location.
 
 from __future__ import annotations
 
-import shutil
 import stat
-import tempfile
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
@@ -63,6 +61,9 @@ def run_copy(
     """
     owner = resolve_chown(users, step.chown) if step.chown else None
     chmod = parse_chmod(step.chmod) if step.chmod else None
+    import shutil  # only a COPY that runs needs them (start-up of the cached path)
+    import tempfile
+
     staging = Path(tempfile.mkdtemp(dir=scratch, prefix="heredoc-"))
     try:
         items = _items(step, context, origin, scratch, fetch=True) + _inline(step, staging)

@@ -1,0 +1,65 @@
+"""What a build imports: start-up is most of a cached build's time and much of one that runs a
+step, so the modules each path has no use for must stay out of it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+# Runs the command as its console script does, and writes the names of the modules it ended with.
+_LISTING = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: open(sys.argv.pop(1), 'w').write('\\n'.join(sorted(sys.modules))))\n"
+    "from builder.__main__ import main\n"
+    "main(sys.argv[2:])\n"
+)
+# Neither path writes a tar from scratch nor reads one, reaches a registry, or hashes enough to
+# want OpenSSL; a Dockerfile it parsed before is not parsed again.
+NEVER = {"tarfile", "builder.tarsafe", "socket", "http", "hashlib", "dockerfile_parse", "logging"}
+# A fully cached build also mounts, copies and writes nothing.
+NOT_CACHED = {"shutil", "tempfile", "base64", "builder.layer", "builder.sandboxserver", "isal"}
+
+
+def _at_start() -> set[str]:
+    """What the interpreter has imported before the command runs (an editable install's finder
+    imports tempfile and shutil, for one): not the command's doing."""
+    listing = subprocess.run(
+        [sys.executable, "-c", "import sys; print(' '.join(sys.modules))"], capture_output=True, text=True
+    )
+    return set(listing.stdout.split())
+
+
+def _modules(store: Path, tmp_path: Path, context: Path) -> set[str]:
+    """What the command imported."""
+    listing = tmp_path / "modules"
+    subprocess.run(
+        [sys.executable, "-c", _LISTING, str(listing), "build", "-q", "-t", "startup:1", str(context)],
+        env={**os.environ, "BUILDER_ROOT": str(store)},
+        check=True,
+        capture_output=True,
+    )
+    return set(listing.read_text().split()) - _at_start()
+
+
+def test_a_build_imports_nothing_its_path_does_not_use(tmp_path: Path, store: Path) -> None:
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Dockerfile").write_text("FROM busybox:latest\nCOPY app.sh /app.sh\nRUN sh /app.sh > /out\n")
+    (context / "app.sh").write_text("echo one\n")
+    time.sleep(2.1)  # files old enough that their digests are remembered (not racily clean)
+    first = _modules(store, tmp_path, context)
+    assert {"builder.layer", "builder.sandboxserver"} <= first, "the probe missed the path that runs"
+    cached = _modules(store, tmp_path, context)
+    assert "builder.executor" in cached
+    assert not cached & (NEVER | NOT_CACHED), sorted(cached & (NEVER | NOT_CACHED))
+    (context / "app.sh").write_text("echo two\n")
+    edited = _modules(store, tmp_path, context)
+    assert {"builder.layer", "builder.sandboxserver"} <= edited
+    assert not edited & NEVER, sorted(edited & NEVER)
