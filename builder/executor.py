@@ -34,7 +34,7 @@ from builder.fscopy import make_dirs
 from builder.oci import canonical_json, format_time
 from builder.plan import ConfigStep, CopyStep, RunStep, Stage, Step, WorkdirStep
 from builder.snapshot import Mounted, Snapshotter
-from builder.store import Store
+from builder.store import Store, remove_tree
 from builder.transfer import run_copy, source_digests
 from builder.users import Identity, resolve_user
 
@@ -369,12 +369,10 @@ class StageExecutor:
             elif isinstance(step, WorkdirStep):
                 self._mkdir(step, mounted)
         assert mounted.upper is not None
-        import shutil  # only a step that runs needs it (start-up of the cached path)
-
         try:
             layer = self._commit(mounted.upper, lowers)
         finally:
-            shutil.rmtree(mounted.upper, ignore_errors=True)  # committed: renamed away already
+            remove_tree(mounted.upper)  # committed: renamed away already
         return {"created": now, "layer": layer}
 
     def _commit(self, upper: Path, diff_ids: list[str]) -> Json | None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -48,6 +47,8 @@ def run_mounts(
     if not step.files and not step.mounts:  # most steps: no scratch dir to make and remove
         yield (), {}
         return
+    import shutil  # only a step with mounts or files needs it (start-up of the RUN path)
+
     binds: list[BindMount] = []
     env: dict[str, str] = {}
     scratch.mkdir(parents=True, exist_ok=True)
@@ -104,6 +105,8 @@ def _bind(
             raise ContextError(f"the bind source {mount.source!r} does not exist in that stage or image.")
     if mount.readonly:
         return BindMount(str(source), mount.target, readonly=True)
+    import shutil  # see run_mounts
+
     if source.is_dir():  # writes to a rw bind are thrown away: give the step a copy
         shutil.copytree(source, where, symlinks=True)
     else:

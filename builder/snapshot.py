@@ -25,7 +25,7 @@ from msgspec import Struct
 from builder.digest import digest_hex
 from builder.errors import LayerError, StoreError
 from builder.signals import deferred_signals
-from builder.store import Store
+from builder.store import Store, remove_tree, unique_name
 
 __all__ = ["MAX_LAYERS", "Mounted", "Snapshotter", "private_mount_namespace"]
 
@@ -136,9 +136,7 @@ class Snapshotter:
         except OSError:
             if not self.has(diff_id):
                 raise
-            import shutil  # a lost race alone (start-up of the cached path)
-
-            shutil.rmtree(upper, ignore_errors=True)
+            remove_tree(upper)
         self.short(diff_id)
 
     @contextlib.contextmanager
@@ -149,14 +147,12 @@ class Snapshotter:
                 f"the image has {len(diff_ids)} layers; overlay mounts here stack at most "
                 f"{MAX_LAYERS}. Squash some RUN steps together."
             )
-        import shutil  # a cached build mounts nothing (start-up time)
-        import tempfile
-
         lowers = [self._lower(d, workdir) for d in reversed(diff_ids)] + ["l/empty"]
         options = f"lowerdir={':'.join(lowers)},{_OVERLAY_OPTIONS}"
         upper = work = None
         try:
-            merged = Path(tempfile.mkdtemp(dir=workdir, prefix="mnt-"))
+            merged = workdir / unique_name("mnt-")  # the work dir is this build's own
+            merged.mkdir(0o700)
             if writable:  # beside the mount point, named after it (new inodes are not free)
                 upper, work = Path(f"{merged}-upper"), Path(f"{merged}-work")
                 upper.mkdir()
@@ -177,9 +173,21 @@ class Snapshotter:
                 if os.path.ismount(merged):
                     _unmount(merged)
                 # the upper dir outlives the mount: the caller diffs it, then commits or removes it
-                for leftover in (merged, work):
-                    if leftover is not None:
-                        shutil.rmtree(leftover, ignore_errors=True)
+                remove_tree(merged)
+                if work is not None:
+                    _remove_work(work)
+
+
+def _remove_work(work: Path) -> None:
+    """An overlay's work dir after its unmount: ``work/`` and a volatile mount's marker,
+    ``work/incompat/volatile/dirty``, removed one by one (a build that runs a step need not
+    import shutil: start-up time); whatever else a kernel left, as a tree."""
+    marker = work / "work" / "incompat" / "volatile" / "dirty"
+    with contextlib.suppress(OSError):
+        marker.unlink()
+        for directory in (*marker.parents[:3], work):
+            directory.rmdir()
+    remove_tree(work)
 
 
 def private_mount_namespace() -> None:

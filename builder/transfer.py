@@ -23,6 +23,7 @@ from builder.compression import open_layer
 from builder.errors import BuilderError, ContextError
 from builder.fetch import GitSource, fetch_git, fetch_url, is_url, parse_git_source, url_filename
 from builder.fscopy import (
+    Chmod,
     CopyEntry,
     CopySource,
     Walker,
@@ -35,6 +36,7 @@ from builder.fscopy import (
 from builder.patterns import BadPatternError, PatternMatcher, clean, has_wildcards
 from builder.plan import CopyStep
 from builder.rootpath import is_real_dir, resolve_in_root
+from builder.store import remove_tree, unique_name
 from builder.users import Identity, resolve_chown
 
 __all__ = ["run_copy", "source_digests"]
@@ -59,25 +61,31 @@ def run_copy(
     ``scratch`` holds heredocs and downloads (kept for the build); ``users`` is the root whose
     /etc/passwd and /etc/group name the ``--chown`` user.
     """
-    owner = resolve_chown(users, step.chown) if step.chown else None
+    owner = resolve_chown(users, step.chown) if step.chown else (_ROOT if origin is None else None)
     chmod = parse_chmod(step.chmod) if step.chmod else None
-    import shutil  # only a COPY that runs needs them (start-up of the cached path)
-    import tempfile
-
-    staging = Path(tempfile.mkdtemp(dir=scratch, prefix="heredoc-"))
+    items = _items(step, context, origin, scratch, fetch=True)
+    if not step.inline:
+        _copy_items(step, items, root, owner, chmod)
+        return
+    staging = scratch / unique_name("heredoc-")  # scratch is this build's own
+    staging.mkdir(0o700)
     try:
-        items = _items(step, context, origin, scratch, fetch=True) + _inline(step, staging)
-        if not items:
-            return  # wildcards that matched nothing: BuildKit copies nothing and says nothing
-        dest = _destination(step, root, len(items))
-        owner = owner or (_ROOT if origin is None else None)
-        for item in items:
-            if item.unpack:
-                _unpack(item.source, root, dest, owner)
-            else:
-                copy_sources([item.source], root, dest, owner=owner, chmod=chmod)
+        _copy_items(step, items + _inline(step, staging), root, owner, chmod)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
+
+
+def _copy_items(
+    step: CopyStep, items: list[_Item], root: Path, owner: Identity | None, chmod: Chmod | None
+) -> None:
+    if not items:
+        return  # wildcards that matched nothing: BuildKit copies nothing and says nothing
+    dest = _destination(step, root, len(items))
+    for item in items:
+        if item.unpack:
+            _unpack(item.source, root, dest, owner)
+        else:
+            copy_sources([item.source], root, dest, owner=owner, chmod=chmod)
 
 
 def source_digests(
