@@ -40,8 +40,9 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 # The probe as a module, not a script: a script is compiled on every run, a module's bytecode is
-# kept (about 1 % of a fully cached build).
-PROBE = ("-c", f"import sys; sys.path.insert(0, {str(BENCH)!r}); import probe; probe.main()")
+# kept (about 1 % of a fully cached build). -P: the current directory stays off sys.path, so that
+# the builder imported is the venv's, never a checkout's that the runner was started in.
+PROBE = ("-P", "-c", f"import sys; sys.path.insert(0, {str(BENCH)!r}); import probe; probe.main()")
 DOCKER = "/usr/bin/docker"  # Debian's client; /usr/local/bin/docker may be a bare client
 DOCKERD = "/usr/sbin/dockerd"
 REGISTRY = "/usr/bin/docker-registry"

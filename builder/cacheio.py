@@ -103,8 +103,8 @@ def export_cache(
     level: int | None,
 ) -> str:
     """Write the cache records of ``keys`` and their layers; returns the artifact's digest."""
-    config, manifest, layers = _artifact(store, keys, compression, level)
     try:
+        config, manifest, layers = _artifact(store, keys, compression, level)
         if spec.kind == "local":
             return _export_local(store, Path(spec.location), config, manifest, layers)
         return _export_registry(store, spec.location, config, manifest, layers, options)

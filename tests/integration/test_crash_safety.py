@@ -251,7 +251,8 @@ def test_a_tag_is_renamed_into_place_between_the_store_sync_and_a_sync_of_its_di
     context.mkdir()
     (context / "Dockerfile").write_text("FROM busybox:latest\nRUN echo durable > /d\n")
     trace = tmp_path / "trace"
-    argv = ["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=syncfs,fsync,fdatasync,rename,renameat2"]
+    calls = "syncfs,fsync,fdatasync,rename,renameat,renameat2"
+    argv = ["strace", "-f", "-qq", "-o", str(trace), "-e", f"trace={calls}"]
     result = subprocess.run(
         [*argv, sys.executable, "-m", "builder", "build", "-t", "durable:1", str(context)],
         env={**os.environ, "BUILDER_ROOT": str(store)},
