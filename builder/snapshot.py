@@ -109,14 +109,12 @@ class Snapshotter:
         blobs = self.store.layer_blobs(diff_id)
         if not blobs:
             raise StoreError(f"no stored blob holds layer {diff_id}; pull or load its image again.")
-        import shutil  # a build whose snapshots are all there unpacks none (start-up time)
-        import tempfile
+        from builder.layer import apply_blob  # a build whose snapshots are all there unpacks none
 
-        from builder.layer import apply_blob
-
-        staging = None
-        try:  # a name of its own: two threads may unpack the same layer at once, one wins commit
-            staging = Path(tempfile.mkdtemp(dir=workdir, prefix=f"unpack-{digest_hex(diff_id)[:_SHORT]}-"))
+        # A name of its own: two threads may unpack the same layer at once, one wins commit.
+        staging = workdir / unique_name(f"unpack-{digest_hex(diff_id)[:_SHORT]}-")
+        try:
+            staging.mkdir(0o755)
             staging.chmod(0o755)  # the image's root directory, whatever the umask
             digest = str(blobs[0]["digest"])
             with self.store.blob_path(digest).open("rb") as blob:
@@ -125,8 +123,7 @@ class Snapshotter:
         except OSError as exc:
             raise self.store.storage_error(exc) from exc
         finally:
-            if staging is not None and staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging)  # committed: renamed away already
         return target
 
     def commit(self, diff_id: str, upper: Path) -> None:
