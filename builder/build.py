@@ -26,6 +26,7 @@ from builder.dockerfile import Dockerfile, parse_dockerfile
 from builder.errors import BuilderError, DockerfileError, StoreError
 from builder.executor import BuildSettings, ImageState, Layer, StageExecutor
 from builder.export import Output, write_output
+from builder.fetch import is_url, parse_git_source
 from builder.images import host_arch, resolve_image
 from builder.oci import (
     CONFIG_MEDIA_TYPE,
@@ -35,7 +36,8 @@ from builder.oci import (
     new_image_config,
     parse_reference,
 )
-from builder.plan import Plan, make_plan
+from builder.plan import CopyStep, Plan, make_plan
+from builder.shortcut import Witness
 from builder.snapshot import Snapshotter
 from builder.stagegraph import run_stages
 from builder.stages import base_images, platform_args
@@ -82,6 +84,7 @@ class BuildRequest(Struct, frozen=True):
     cache_to: tuple[CacheSpec, ...] = ()
     registry: RegistryOptions = field(default_factory=RegistryOptions)
     pull: bool = False  # pull every base image again, even one the store holds
+    shortcut: str | None = None  # the key a fully cached build leaves its shortcut under
 
     @property
     def dockerfile_path(self) -> Path:
@@ -205,7 +208,29 @@ def _build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
     )
     for spec in request.cache_from:
         _import_cache(store, spec, request.registry, log)
+    witness = _witness(request)
+    if witness is not None:
+        store.read_log = witness
+        witness.resolved(request.dockerfile_path)
+        log = _logged(log, witness.lines)
+    try:
+        return _run(request, store, log, settings, previous_keys, build_id, witness)
+    finally:
+        store.read_log = None
+
+
+def _run(
+    request: BuildRequest,
+    store: Store,
+    log: Log,
+    settings: BuildSettings,
+    previous_keys: dict[str, Any],
+    build_id: str,
+    witness: Witness | None,
+) -> BuildResult:
     plan, images = plan_build(request, store, log)
+    if witness is not None and _fetches(plan):
+        witness.sound = False
     if not any(spec.mode == "max" for spec in request.cache_to):  # mode=max ships every stage
         settings = structs.replace(
             settings, unshipped=frozenset(plan.order) - set(_base_chain(plan, plan.target))
@@ -215,7 +240,7 @@ def _build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
     sums_key = sha256_digest(canonical_json({"file-sums": str(request.context.resolve())}))
     known = store.get_memo(sums_key)
     sums = FileSums(known if isinstance(known, dict) else None)
-    context = BuildContext.load(request.context, request.dockerfile_path, sums)
+    context = BuildContext.load(request.context, request.dockerfile_path, sums, witness)
     snapshots = Snapshotter(store)
     scratch = ImageState(new_image_config(host_arch()))
     try:
@@ -228,10 +253,61 @@ def _build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
         store.put_explanation(build_id, executor.keys)
     for spec in request.cache_to:
         _export_cache(store, spec, plan, executor.stage_keys, settings, request.registry, log)
+    store.read_log = None  # what follows writes the build's outputs, which are not its inputs
     final = results[plan.target]
     manifest_digest, config_digest = _store_image(store, final)
     publish(request, store, manifest_digest, log)
+    if witness is not None and request.shortcut is not None and executor.executed == 0:
+        digests = [manifest_digest, config_digest, *(str(layer.blob["digest"]) for layer in final.layers)]
+        if not request.tags:  # a tag would have synced them: a shortcut's tag counts on it
+            store.sync()
+        _leave_shortcut(store, request.shortcut, witness, digests, plan.unused_args)
     return BuildResult(manifest_digest, config_digest, executor.executed, plan.unused_args)
+
+
+def _witness(request: BuildRequest) -> Witness | None:
+    """A witness for a build that may leave a shortcut: a plain one (see builder.shortcut)."""
+    plain = not (
+        request.outputs
+        or request.cache_from
+        or request.cache_to
+        or request.no_cache
+        or request.no_cache_filter
+        or request.pull
+        or request.secrets
+    )
+    return Witness() if plain and request.shortcut is not None else None
+
+
+def _logged(log: Log, lines: list[str]) -> Log:
+    def both(line: str) -> None:
+        lines.append(line)
+        log(line)
+
+    return both
+
+
+def _fetches(plan: Plan) -> bool:
+    """Whether a step names a URL or a Git repository (fetched or asked again by every build)."""
+    return any(
+        is_url(source) or parse_git_source(source) is not None
+        for stage in plan.stages
+        for step in stage.steps
+        if isinstance(step, CopyStep) and step.add
+        for source in step.sources
+    )
+
+
+def _leave_shortcut(
+    store: Store, key: str, witness: Witness, digests: list[str], unused: tuple[str, ...]
+) -> None:
+    """Leave the build's shortcut (the image's blobs first): only a cache, which a store that
+    cannot take it loses."""
+    with contextlib.suppress(StoreError, OSError):
+        blobs = {str(store.blob_path(digest)): store.blob_path(digest).stat().st_size for digest in digests}
+        entry = witness.entry(digests[0], blobs, unused)
+        if entry is not None:
+            store.put_memo(key, entry)
 
 
 def _keep_sums(store: Store, key: str, sums: FileSums) -> None:

@@ -29,6 +29,7 @@ from builder.errors import ContextError
 from builder.fscopy import CopyEntry, check_unchanged, describe, open_source
 from builder.patterns import BadPatternError, PatternMatcher, clean, go_match, has_wildcards
 from builder.rootpath import RootEscapeError, is_real_dir, resolve_in_root
+from builder.shortcut import Witness
 
 __all__ = [
     "BuildContext",
@@ -102,12 +103,13 @@ def split_wildcards(path: str) -> tuple[str, str]:
     return path, ""
 
 
-def match_root(root: Path, pattern: str, *, confine: bool) -> list[Source]:
+def match_root(root: Path, pattern: str, *, confine: bool, listed: set[str] | None = None) -> list[Source]:
     """The existing paths of ``root`` a COPY source names, as BuildKit's ResolveWildcards finds them.
 
     ``..`` is cleaned against the root; the part before the first wildcard and each match are
     resolved following symlinks inside ``root`` (``confine``: a link pointing out is an error);
-    wildcards follow Go's filepath.Match and never look through a symlink.
+    wildcards follow Go's filepath.Match and never look through a symlink. ``listed`` gets the
+    directories whose entries were matched.
     """
     cleaned = clean("/" + pattern).lstrip("/")
     prefix, rest = split_wildcards(cleaned)
@@ -117,7 +119,7 @@ def match_root(root: Path, pattern: str, *, confine: bool) -> list[Source]:
         base = _resolve(root, prefix, pattern, confine=confine)
         base_rel = _relative(root, base)
         candidates = [
-            f"{base_rel}/{rel}" if base_rel else rel for rel in _wildcard_matches(base, rest, pattern)
+            f"{base_rel}/{rel}" if base_rel else rel for rel in _wildcard_matches(base, rest, pattern, listed)
         ]
     found = []
     for given in candidates:
@@ -127,7 +129,7 @@ def match_root(root: Path, pattern: str, *, confine: bool) -> list[Source]:
     return found
 
 
-def _wildcard_matches(base: Path, rest: str, pattern: str) -> list[str]:
+def _wildcard_matches(base: Path, rest: str, pattern: str, listed: set[str] | None) -> list[str]:
     """Paths below ``base`` that ``rest`` matches, in walk order; symlinks and matches not entered."""
     depth = rest.count("/")
     found = []
@@ -140,6 +142,8 @@ def _wildcard_matches(base: Path, rest: str, pattern: str) -> list[str]:
             continue
         except OSError as exc:
             raise ContextError(f"cannot read {base / rel}: {exc.strerror}.") from exc
+        if listed is not None:
+            listed.add(str(base / rel))
         for name in names:
             child = f"{rel}/{name}" if rel else name
             try:
@@ -170,13 +174,16 @@ def _relative(root: Path, path: Path) -> str:
 Filter = tuple[PatternMatcher, str]  # patterns, and the prefix the walked paths are matched under
 
 
-def filtered_walk(top: Path, filters: Sequence[Filter] = ()) -> Iterator[CopyEntry]:
+def filtered_walk(
+    top: Path, filters: Sequence[Filter] = (), seen: set[str] | None = None
+) -> Iterator[CopyEntry]:
     """Every path below ``top`` (relative to it), sorted, a directory before its contents.
 
     Symlinks are yielded, never followed. A path a filter matches is left out; a directory left
     out is still entered when each filter that matched it has a ``!`` rule that may bring back
     something below, and is yielded only if something is. Each directory on the way carries its
     filters' :meth:`~PatternMatcher.hits`, so a path is matched alone, not with all its parents.
+    ``seen`` gets the path of every entry looked at, each directory entered among them.
     """
     pending: list[CopyEntry] = []  # left-out dirs entered, not yet yielded
     hits = tuple(m.hits(prefix, m.parent_hits(prefix)) if prefix else 0 for m, prefix in filters)
@@ -200,6 +207,8 @@ def filtered_walk(top: Path, filters: Sequence[Filter] = ()) -> Iterator[CopyEnt
         if hit and not (is_dir and all(m.may_include_below(name) for m, name in hit)):
             continue
         found = describe(base, child, entry.stat(follow_symlinks=False))
+        if seen is not None:
+            seen.add(found.path)
         if is_dir:
             below = tuple(m.hits(name, bits) for m, name, bits in named)
             stack.append((child, iter(_entries(entry.path)), below))
@@ -242,28 +251,36 @@ class FileSums:
 class BuildContext:
     """A context directory with its ignore rules."""
 
-    def __init__(self, root: Path, ignore: IgnoreRules, sums: FileSums | None = None) -> None:
+    def __init__(
+        self, root: Path, ignore: IgnoreRules, sums: FileSums | None = None, witness: Witness | None = None
+    ) -> None:
         self.root = Path(os.path.abspath(root))  # bind mounts of it need an absolute path
         self.ignore = ignore
         self.sums = sums or FileSums()
+        self.witness = witness  # told every path looked at (builder.shortcut)
         self._tops: dict[Path, CopyEntry] = {}
         self._walks: dict[tuple[Path, str, PatternMatcher | None], tuple[CopyEntry, ...]] = {}
 
     @classmethod
-    def load(cls, root: Path, dockerfile: Path | None, sums: FileSums | None = None) -> BuildContext:
+    def load(
+        cls, root: Path, dockerfile: Path | None, sums: FileSums | None = None, witness: Witness | None = None
+    ) -> BuildContext:
         """Read ``<Dockerfile>.dockerignore`` next to the Dockerfile, else ``.dockerignore``."""
         if not root.is_dir():
             raise ContextError(f"the build context {root} is not a directory.")
         candidates = [dockerfile.with_name(dockerfile.name + ".dockerignore")] if dockerfile else []
         candidates.append(root / ".dockerignore")
+        if witness is not None:
+            for path in (root, *candidates):
+                witness.resolved(path)
         for candidate in candidates:
             if candidate.is_file():
                 try:
                     text = candidate.read_text(errors="surrogateescape")
                 except OSError as exc:
                     raise ContextError(f"cannot read {candidate}: {exc.strerror}.") from exc
-                return cls(root, IgnoreRules.parse(text, str(candidate)), sums)
-        return cls(root, IgnoreRules.parse(""), sums)
+                return cls(root, IgnoreRules.parse(text, str(candidate)), sums, witness)
+        return cls(root, IgnoreRules.parse(""), sums, witness)
 
     def match(self, pattern: str) -> list[Source]:
         """The context paths a COPY source names, leaving out what ``.dockerignore`` excludes.
@@ -271,7 +288,28 @@ class BuildContext:
         A symlink pointing out of the context is an error; a name that does not exist, or a
         wildcard that matches nothing, gives an empty list.
         """
-        return [s for s in match_root(self.root, pattern, confine=True) if self._present(s)]
+        if self.witness is None:
+            return [s for s in match_root(self.root, pattern, confine=True) if self._present(s)]
+        listed: set[str] = set()
+        found = [s for s in match_root(self.root, pattern, confine=True, listed=listed) if self._present(s)]
+        self._witness_match(pattern, found, listed)
+        return found
+
+    def _witness_match(self, pattern: str, found: list[Source], listed: set[str]) -> None:
+        """Tell the witness the paths a match looked at: each one on the way to the pattern's
+        fixed part and to every match, and the directories a wildcard listed. A match reached
+        through a symbolic link, or a listing under one, is more than it can check."""
+        assert self.witness is not None
+        prefix = split_wildcards(clean("/" + pattern).lstrip("/"))[0]
+        self.witness.chain(self.root, prefix)
+        for source in found:
+            self.witness.chain(self.root, source.relpath)
+            if source.given != source.relpath:
+                self.witness.sound = False
+        for path in listed:
+            if os.path.realpath(path) != path:
+                self.witness.sound = False
+            self.witness.path(path)
 
     def _present(self, source: Source) -> bool:
         """Whether BuildKit would have been sent the path: not ignored, or a dir with kept content."""
@@ -300,7 +338,8 @@ class BuildContext:
             filters = [(self.ignore.matcher, source.relpath)]
             if exclude is not None:
                 filters.append((exclude, ""))
-            found = self._walks[memo] = tuple(filtered_walk(source.path, filters))
+            seen = self.witness.paths if self.witness is not None else None
+            found = self._walks[memo] = tuple(filtered_walk(source.path, filters, seen))
         return found
 
 

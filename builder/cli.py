@@ -22,6 +22,7 @@ from builder.errors import BuilderError, OutputError, SandboxError
 from builder.export import OUTPUT_KINDS, Output, parse_output, write_output
 from builder.images import Platform, image_history, parse_platform, reference, tag_key, tagged_images
 from builder.oci import Reference
+from builder.shortcut import invocation
 from builder.snapshot import private_mount_namespace
 from builder.stages import parse_build_args
 from builder.store import Store
@@ -275,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _interrupted = False
     arguments = sys.argv[1:] if argv is None else list(argv)
     args = _parser(arguments).parse_args(arguments)
+    args.arguments = arguments
     previous = {stop: signal.getsignal(stop) for stop in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _interrupt)
     if previous[signal.SIGINT] is not signal.SIG_IGN:  # as a background job's is
@@ -368,6 +370,7 @@ def _build(args: argparse.Namespace, store: Store) -> int:
         cache_to=_cache_specs(args.cache_to, export=True),
         registry=RegistryOptions(insecure=tuple(args.insecure_registry)),
         pull=args.pull,
+        shortcut=None if args.verify_reproducible else _shortcut_key(args.arguments),
     )
     if args.print_what == "plan":
         plan, _ = plan_build(request, store)
@@ -391,6 +394,11 @@ def _build(args: argparse.Namespace, store: Store) -> int:
         print(f"image {result.manifest_digest} ({result.executed} steps run)", file=sys.stderr)
     _out(result.manifest_digest)
     return 0
+
+
+def _shortcut_key(arguments: Sequence[str]) -> str | None:
+    found = invocation(arguments)
+    return found.key if found is not None else None
 
 
 def _cache_specs(texts: Sequence[str], *, export: bool) -> tuple[CacheSpec, ...]:

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import TYPE_CHECKING, BinaryIO
 
 try:
     from _sha256 import sha256 as _document_sha256  # type: ignore[import-not-found]
 except ImportError:  # a Python built without it: hashlib's
     from hashlib import sha256 as _document_sha256
 
+TYPE_CHECKING = False  # typing only for the type checker (see builder.store)
 if TYPE_CHECKING:
     from hashlib import _Hash
+    from typing import BinaryIO
 
 __all__ = ["HashingWriter", "StreamSha256", "digest_hex", "is_digest", "sha256_digest", "sha256_hex"]
 

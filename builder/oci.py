@@ -7,7 +7,6 @@ content always has the same digest.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -16,6 +15,7 @@ from typing import Any
 from msgspec import Struct
 
 from builder.digest import sha256_digest
+from builder.reference import DEFAULT_REGISTRY, reference_text, split_reference
 
 __all__ = [
     "CONFIG_MEDIA_TYPE",
@@ -122,16 +122,6 @@ def image_manifest(config: Json, layers: list[Json], annotations: dict[str, str]
     return manifest
 
 
-_NAME_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REFERENCE = re.compile(
-    rf"(?P<name>{_NAME_COMPONENT}(?:/{_NAME_COMPONENT})*"
-    r"|[A-Za-z0-9.-]+(?::[0-9]+)?(?:/" + _NAME_COMPONENT + ")+)"
-    r"(?::(?P<tag>[\w][\w.-]{0,127}))?"
-    r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?"
-)
-DEFAULT_REGISTRY = "docker.io"
-
-
 class Reference(Struct, frozen=True):
     """An image reference, normalised as Docker normalises it."""
 
@@ -146,12 +136,7 @@ class Reference(Struct, frozen=True):
         return f"{self.registry}/{self.repository}"
 
     def __str__(self) -> str:
-        text = self.name
-        if self.tag:
-            text += f":{self.tag}"
-        if self.digest:
-            text += f"@{self.digest}"
-        return text
+        return reference_text(self.registry, self.repository, self.tag, self.digest)
 
     @property
     def familiar(self) -> str:
@@ -163,19 +148,4 @@ class Reference(Struct, frozen=True):
 
 def parse_reference(text: str) -> Reference:
     """Parse ``name[:tag][@digest]``; a bare name gets ``:latest``. Raises ValueError."""
-    match = _REFERENCE.fullmatch(text)
-    if match is None:
-        raise ValueError(
-            f"{text!r} is not a valid image reference (expected name[:tag][@sha256:digest], lower-case name)"
-        )
-    name, tag, digest = match["name"], match["tag"], match["digest"]
-    first, _, rest = name.partition("/")
-    if rest and ("." in first or ":" in first or first == "localhost"):
-        registry, repository = first, rest
-    else:
-        registry, repository = DEFAULT_REGISTRY, name
-        if "/" not in repository:
-            repository = f"library/{repository}"
-    if tag is None and digest is None:
-        tag = "latest"
-    return Reference(registry, repository, tag, digest)
+    return Reference(*split_reference(text))

@@ -31,9 +31,9 @@ or unpacked, and ``builder check`` verifies and repairs the rest.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
+import functools
 import io
 import json
 import os
@@ -41,11 +41,25 @@ import stat
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
 
 from builder.digest import StreamSha256, digest_hex, is_digest, sha256_digest
 from builder.errors import StoreError
 from builder.signals import deferred_signals
+
+# typing only for the type checker: a build's shortcut (builder.shortcut) loads this module and
+# nothing else of builder's that would import typing (start-up time).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import ctypes
+    from typing import Any, BinaryIO, Protocol
+
+    class ReadLog(Protocol):
+        """Told of the records a build reads and the cache records it uses (builder.shortcut)."""
+
+        def record(self, path: Path, data: bytes | None) -> None: ...
+
+        def used(self, path: Path) -> None: ...
+
 
 __all__ = ["BlobWriter", "Store", "default_root", "remove_tree", "unique_name"]
 
@@ -62,11 +76,20 @@ _STORAGE_ERRNOS = {
 # Temp entries in tmp/ that a process flock()s while it uses them; unlocked ones are stale.
 _TEMP_PREFIXES = ("build-", "blob-", "rec-")
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syncfs.argtypes = (ctypes.c_int,)
-_libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 _SYNC_FILE_RANGE_WRITE = 2
 _WRITEBACK_EVERY = 8 << 20  # bytes of a blob between two starts of its writeback
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, for the calls Python's os module lacks (loaded on first use: a build's
+    shortcut tags an image without them)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syncfs.argtypes = (ctypes.c_int,)
+    libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return libc
 
 
 def default_root() -> Path:
@@ -78,7 +101,7 @@ def write_back(fd: int, offset: int = 0) -> None:
     """Have the kernel start writing a file's dirty pages from ``offset`` on to disk, without
     waiting: what is written back while a build works, the sync before its tag need not wait
     for. Advisory: a failure shows in that sync, if anywhere."""
-    _libc.sync_file_range(fd, offset, 0, _SYNC_FILE_RANGE_WRITE)
+    _libc().sync_file_range(fd, offset, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 class _BlobFile(io.BufferedWriter):
@@ -148,6 +171,7 @@ class Store:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(os.path.abspath(root))  # overlay options and mount points need it absolute
+        self.read_log: ReadLog | None = None  # set while a build may leave a shortcut
 
     @classmethod
     def open(cls, root: Path) -> Store:
@@ -236,17 +260,20 @@ class Store:
 
     # small JSON records, each replaced atomically
 
-    def _write_record(self, path: Path, document: Any, *, durable: bool = False) -> None:
+    def _write_record(self, path: Path, document: Any, *, durable: bool = False, alone: bool = False) -> None:
         """Replace a record atomically. A ``durable`` one is on disk when this returns, and so
         is everything written to the store before it: the store is synced (the record's
-        bytes with it) before the record is renamed into place, and the rename after."""
+        bytes with it) before the record is renamed into place, and the rename after; with
+        ``alone``, only the record's bytes are (what it reaches is known to be durable)."""
         with deferred_signals():  # a small file: written whole, never left half way in tmp/
             fd, name = self.temp_file("rec-")
             try:
                 with os.fdopen(fd, "w") as file:
                     json.dump(document, file, sort_keys=True)
                     file.flush()
-                    if durable:
+                    if durable and alone:
+                        os.fsync(file.fileno())
+                    elif durable:
                         self.sync()
                     os.replace(name, path)  # before the close ends the lock that marks it in use
                 if durable:
@@ -266,19 +293,38 @@ class Store:
         except ValueError:
             return None  # a record that does not parse is treated as absent, never trusted
 
+    def _read_input(self, path: Path) -> Any:
+        """A record a build's result depends on (a tag, a cache record, the layer index), told
+        to the read log when there is one."""
+        if self.read_log is None:
+            return self._read_record(path)
+        try:
+            data: bytes | None = path.read_bytes()
+        except FileNotFoundError:
+            data = None
+        self.read_log.record(path, data)
+        try:
+            return None if data is None else json.loads(data)
+        except ValueError:
+            return None
+
     # tags
 
     def _tag_path(self, name: str) -> Path:
         return self.root / "tags" / urllib.parse.quote(name, safe="")
 
-    def set_tag(self, name: str, manifest_digest: str) -> None:
-        """Point a tag at a manifest, durably, once all it reaches is durable (see the module's text)."""
+    def set_tag(self, name: str, manifest_digest: str, *, image_durable: bool = False) -> None:
+        """Point a tag at a manifest, durably, once all it reaches is durable (see the module's
+        text). ``image_durable``: the image is known to be (a shortcut's, whose build synced
+        the store): the tag's own bytes are flushed, not the whole store's."""
         if self.get_tag(name) == manifest_digest:
             return  # set durably before, after a sync: nothing to write
-        self._write_record(self._tag_path(name), {"manifest": manifest_digest}, durable=True)
+        self._write_record(
+            self._tag_path(name), {"manifest": manifest_digest}, durable=True, alone=image_durable
+        )
 
     def get_tag(self, name: str) -> str | None:
-        record = self._read_record(self._tag_path(name))
+        record = self._read_input(self._tag_path(name))
         digest = record.get("manifest") if isinstance(record, dict) else None
         return digest if isinstance(digest, str) and is_digest(digest) else None
 
@@ -318,13 +364,16 @@ class Store:
     # cache records and the layer index
 
     def get_cache(self, key: str) -> dict[str, Any] | None:
-        record = self._read_record(self.root / "cache" / f"{digest_hex(key)}.json")
+        record = self._read_input(self.root / "cache" / f"{digest_hex(key)}.json")
         return record if isinstance(record, dict) else None
 
     def touch_cache(self, key: str) -> None:
         """Mark a record as just used: prune keeps the most recently used ones."""
+        path = self.root / "cache" / f"{digest_hex(key)}.json"
+        if self.read_log is not None:
+            self.read_log.used(path)
         with contextlib.suppress(FileNotFoundError):
-            os.utime(self.root / "cache" / f"{digest_hex(key)}.json")
+            os.utime(path)
 
     def put_cache(self, key: str, record: dict[str, Any]) -> None:
         self._write_record(self.root / "cache" / f"{digest_hex(key)}.json", record)
@@ -346,7 +395,7 @@ class Store:
 
     def layer_blobs(self, diff_id: str) -> list[dict[str, Any]]:
         """Descriptors of stored blobs whose uncompressed content is ``diff_id``."""
-        record = self._read_record(self.root / "layers" / f"{digest_hex(diff_id)}.json")
+        record = self._read_input(self.root / "layers" / f"{digest_hex(diff_id)}.json")
         blobs = record if isinstance(record, list) else []
         return [desc for desc in blobs if isinstance(desc, dict) and self._has_described(desc)]
 
@@ -366,7 +415,9 @@ class Store:
         try:
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                if _libc.syncfs(fd) != 0:
+                if _libc().syncfs(fd) != 0:
+                    import ctypes
+
                     code = ctypes.get_errno()
                     raise OSError(code, os.strerror(code), str(self.root))
             finally:
@@ -535,11 +586,12 @@ def _fsync_dir(path: Path) -> None:
 
 def _fs_type(path: Path) -> int:
     """The file system magic number of ``path`` (statfs f_type)."""
+    import ctypes
 
     class StatFs(ctypes.Structure):
         _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 120)]
 
     buf = StatFs()
-    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+    if _libc().statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
         return 0
     return int(buf.f_type)

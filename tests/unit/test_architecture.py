@@ -16,6 +16,7 @@ PURE = {
     "stages",
     "plan",
     "oci",
+    "reference",
     "digest",
     "expansion",
     "cachekey",
