@@ -211,7 +211,7 @@ def _build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
     witness = _witness(request)
     if witness is not None:
         store.read_log = witness
-        witness.resolved(request.dockerfile_path)
+        witness.resolved(request.dockerfile_path, required=True)
         log = _logged(log, witness.lines)
     try:
         return _run(request, store, log, settings, previous_keys, build_id, witness)

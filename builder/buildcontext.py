@@ -271,7 +271,8 @@ class BuildContext:
         candidates = [dockerfile.with_name(dockerfile.name + ".dockerignore")] if dockerfile else []
         candidates.append(root / ".dockerignore")
         if witness is not None:
-            for path in (root, *candidates):
+            witness.resolved(root, required=True)
+            for path in candidates:
                 witness.resolved(path)
         for candidate in candidates:
             if candidate.is_file():

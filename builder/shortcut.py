@@ -77,6 +77,8 @@ def invocation(argv: Sequence[str]) -> Invocation | None:
         known, rest = parser.parse_known_args(argv[1:])
     except argparse.ArgumentError:
         return None  # the command's own parser says what is wrong
+    if any(_abbreviates(word) for word in rest):
+        return None  # the command's parser reads ``--qu`` as --quiet: its build, not this one
     root = Path(known.root or os.environ.get(_ROOT_ENV) or _DEFAULT_ROOT).absolute()
     env = {name: value for name, value in os.environ.items() if name not in _SHELL_ENV}
     key = sha256_digest(
@@ -87,6 +89,11 @@ def invocation(argv: Sequence[str]) -> Invocation | None:
         ).encode("utf-8", "surrogateescape")
     )
     return Invocation(key, root, list(known.tag), bool(known.quiet))
+
+
+def _abbreviates(word: str) -> bool:
+    flag = word.partition("=")[0]
+    return len(flag) > 2 and any(name.startswith(flag) for name in ("--quiet", "--root"))
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -128,6 +135,7 @@ class Witness:
         self.started_ns = time.time_ns()
         self.paths: set[str] = set()  # lstat'ed when the build ends
         self.real: dict[str, str] = {}  # a path and where it led, symlinks followed
+        self.required: set[str] = set()  # paths the build read, which must exist
         self.records: dict[str, str | None] = {}  # store records read: the digest of their bytes
         self.used_records: list[str] = []  # cache records hit, marked used again by the shortcut
         self.lines: list[str] = []  # what the build logged
@@ -143,8 +151,11 @@ class Witness:
         for index in range(len(parts)):
             self.path(root.joinpath(*parts[: index + 1]))
 
-    def resolved(self, path: Path) -> None:
-        """A path reached through whatever symlinks lead to it, and what it leads to."""
+    def resolved(self, path: Path, *, required: bool = False) -> None:
+        """A path reached through whatever symlinks lead to it, and what it leads to;
+        ``required``: one the build read (the context, the Dockerfile), not one it looked for."""
+        if required:
+            self.required.add(os.path.abspath(path))
         real = os.path.realpath(path)
         self.real[os.path.abspath(path)] = real
         self.path(path)
@@ -161,6 +172,8 @@ class Witness:
         if not self.sound:
             return None
         files = {path: _lstat(path) for path in sorted(self.paths)}
+        if any(files.get(path) is None for path in self.required):
+            return None  # gone since the build read it: the next build must say so
         since = self.started_ns - _RACY_NS
         if any(sig is not None and max(sig[4], sig[5]) >= since for sig in files.values()):
             return None

@@ -80,6 +80,9 @@ def test_an_unchanged_rebuild_is_answered_by_its_shortcut(store: Path, tmp_path:
     quiet, answered = _build(store, tmp_path, context, "-q", "--build-arg", "UNUSED=1", "--tag=app:q")
     assert answered and quiet.stdout == full.stdout
     assert quiet.stderr == "warning: build arg UNUSED is not consumed by any ARG\n"
+    # --qu is --quiet to the command's parser: the shortcut leaves it to the build.
+    abbreviated, answered = _build(store, tmp_path, context, "--qu", "--build-arg", "UNUSED=1")
+    assert not answered and abbreviated.stdout == full.stdout
     # Another command line is another build: it runs (and is cached).
     _, answered = _build(store, tmp_path, context, "-q", "--build-arg", "UNUSED=2")
     assert not answered
