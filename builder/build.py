@@ -183,10 +183,17 @@ def _parser_identity() -> str:
 def build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
     """Build the image the request describes, tag it in the store and write its outputs."""
     with store.lease():  # nothing this build writes is pruned while it runs
-        return _build(request, store, log)
+        witness = _witness(request)
+        if witness is None:
+            return _build(request, store, log, None)
+        store.read_log = witness
+        try:
+            return _build(request, store, _logged(log, witness.lines), witness)
+        finally:
+            store.read_log = None
 
 
-def _build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
+def _build(request: BuildRequest, store: Store, log: Log, witness: Witness | None) -> BuildResult:
     if request.compression not in COMPRESSIONS:
         raise BuilderError(
             f"unknown compression {request.compression!r}; choose one of {', '.join(sorted(COMPRESSIONS))}."
@@ -208,26 +215,8 @@ def _build(request: BuildRequest, store: Store, log: Log) -> BuildResult:
     )
     for spec in request.cache_from:
         _import_cache(store, spec, request.registry, log)
-    witness = _witness(request)
     if witness is not None:
-        store.read_log = witness
         witness.resolved(request.dockerfile_path, required=True)
-        log = _logged(log, witness.lines)
-    try:
-        return _run(request, store, log, settings, previous_keys, build_id, witness)
-    finally:
-        store.read_log = None
-
-
-def _run(
-    request: BuildRequest,
-    store: Store,
-    log: Log,
-    settings: BuildSettings,
-    previous_keys: dict[str, Any],
-    build_id: str,
-    witness: Witness | None,
-) -> BuildResult:
     plan, images = plan_build(request, store, log)
     if witness is not None and _fetches(plan):
         witness.sound = False
@@ -304,7 +293,8 @@ def _leave_shortcut(
     """Leave the build's shortcut (the image's blobs first): only a cache, which a store that
     cannot take it loses."""
     with contextlib.suppress(StoreError, OSError):
-        blobs = {str(store.blob_path(digest)): store.blob_path(digest).stat().st_size for digest in digests}
+        paths = [store.blob_path(digest) for digest in digests]
+        blobs = {str(path): path.stat().st_size for path in paths}
         entry = witness.entry(digests[0], blobs, unused)
         if entry is not None:
             store.put_memo(key, entry)

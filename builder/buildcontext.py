@@ -29,7 +29,7 @@ from builder.errors import ContextError
 from builder.fscopy import CopyEntry, check_unchanged, describe, open_source
 from builder.patterns import BadPatternError, PatternMatcher, clean, go_match, has_wildcards
 from builder.rootpath import RootEscapeError, is_real_dir, resolve_in_root
-from builder.shortcut import Witness
+from builder.shortcut import RACY_NS, Witness
 
 __all__ = [
     "BuildContext",
@@ -44,9 +44,6 @@ __all__ = [
 
 _CHUNK = 1 << 20
 _BOM = "\ufeff"
-# A file changed this shortly before the build started is hashed but not remembered: a second
-# write within the same clock tick would leave its lstat as it was (git's "racily clean" rule).
-_RACY_NS = 2_000_000_000
 
 
 class IgnoreRules(Struct, frozen=True):
@@ -228,7 +225,8 @@ class FileSums:
     def __init__(self, known: Mapping[str, Any] | None = None, *, started_ns: int | None = None) -> None:
         """``known``: what the last build kept; ``started_ns``: when this build started (now)."""
         self._known = known or {}
-        self._since = (time.time_ns() if started_ns is None else started_ns) - _RACY_NS
+        # a file changed since then is hashed, not remembered (see builder.shortcut's RACY_NS)
+        self._since = (time.time_ns() if started_ns is None else started_ns) - RACY_NS
         self.kept: dict[str, list[Any]] = {}  # what this build hashed, for the next one
 
     def sha256(self, entry: CopyEntry) -> str:
@@ -293,24 +291,8 @@ class BuildContext:
             return [s for s in match_root(self.root, pattern, confine=True) if self._present(s)]
         listed: set[str] = set()
         found = [s for s in match_root(self.root, pattern, confine=True, listed=listed) if self._present(s)]
-        self._witness_match(pattern, found, listed)
+        _witness_match(self.witness, self.root, pattern, found, listed)
         return found
-
-    def _witness_match(self, pattern: str, found: list[Source], listed: set[str]) -> None:
-        """Tell the witness the paths a match looked at: each one on the way to the pattern's
-        fixed part and to every match, and the directories a wildcard listed. A match reached
-        through a symbolic link, or a listing under one, is more than it can check."""
-        assert self.witness is not None
-        prefix = split_wildcards(clean("/" + pattern).lstrip("/"))[0]
-        self.witness.chain(self.root, prefix)
-        for source in found:
-            self.witness.chain(self.root, source.relpath)
-            if source.given != source.relpath:
-                self.witness.sound = False
-        for path in listed:
-            if os.path.realpath(path) != path:
-                self.witness.sound = False
-            self.witness.path(path)
 
     def _present(self, source: Source) -> bool:
         """Whether BuildKit would have been sent the path: not ignored, or a dir with kept content."""
@@ -342,6 +324,21 @@ class BuildContext:
             seen = self.witness.paths if self.witness is not None else None
             found = self._walks[memo] = tuple(filtered_walk(source.path, filters, seen))
         return found
+
+
+def _witness_match(witness: Witness, root: Path, pattern: str, found: list[Source], listed: set[str]) -> None:
+    """Tell the witness the paths a match looked at: each one on the way to the pattern's fixed
+    part and to every match, and the directories a wildcard listed. A match reached through a
+    symbolic link, or a listing under one, is more than it can check."""
+    witness.chain(root, split_wildcards(clean("/" + pattern).lstrip("/"))[0])
+    for source in found:
+        witness.chain(root, source.relpath)
+        if source.given != source.relpath:
+            witness.sound = False
+    for path in listed:
+        if os.path.realpath(path) != path:
+            witness.sound = False
+        witness.path(path)
 
 
 def _entries(directory: str) -> list[os.DirEntry[str]]:

@@ -22,31 +22,31 @@ reached through a symbolic link.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import stat
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from importlib.machinery import PathFinder
 from pathlib import Path
 
 from builder.digest import sha256_digest, sha256_hex
+from builder.store import Store, default_root
 
 TYPE_CHECKING = False  # typing only for the type checker (see builder.store)
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["Answer", "Invocation", "Witness", "invocation", "run"]
+__all__ = ["RACY_NS", "Answer", "Invocation", "Witness", "invocation", "run"]
 
 # Changes of these say nothing about a build: the shell's bookkeeping and the terminal's size.
 _SHELL_ENV = frozenset({"_", "OLDPWD", "PWD", "SHLVL", "COLUMNS", "LINES"})
 _CONFIG_ENV = "BUILDER_CONFIG"  # builder.config's, checked here without loading it
 _DEFAULT_CONFIG = "/etc/builder/config.yaml"
-_ROOT_ENV = "BUILDER_ROOT"
-_DEFAULT_ROOT = "/var/lib/builder"
-_RACY_NS = 2_000_000_000  # as builder.buildcontext's FileSums
+# A path changed this shortly before a build started is not trusted as its lstat shows it: a
+# second write within the same clock tick would leave that as it was (git's "racily clean").
+RACY_NS = 2_000_000_000
 _FORMAT = 1
 
 
@@ -79,7 +79,7 @@ def invocation(argv: Sequence[str]) -> Invocation | None:
         return None  # the command's own parser says what is wrong
     if any(_abbreviates(word) for word in rest):
         return None  # the command's parser reads ``--qu`` as --quiet: its build, not this one
-    root = Path(known.root or os.environ.get(_ROOT_ENV) or _DEFAULT_ROOT).absolute()
+    root = (Path(known.root) if known.root else default_root()).absolute()
     env = {name: value for name, value in os.environ.items() if name not in _SHELL_ENV}
     key = sha256_digest(
         json.dumps(
@@ -137,7 +137,7 @@ class Witness:
         self.real: dict[str, str] = {}  # a path and where it led, symlinks followed
         self.required: set[str] = set()  # paths the build read, which must exist
         self.records: dict[str, str | None] = {}  # store records read: the digest of their bytes
-        self.used_records: list[str] = []  # cache records hit, marked used again by the shortcut
+        self.used_keys: list[str] = []  # cache records hit, marked used again by the shortcut
         self.lines: list[str] = []  # what the build logged
         self.sound = True  # False: the build reached something the shortcut cannot check
 
@@ -164,8 +164,8 @@ class Witness:
     def record(self, path: Path, data: bytes | None) -> None:
         self.records.setdefault(str(path), None if data is None else sha256_hex(data))
 
-    def used(self, path: Path) -> None:
-        self.used_records.append(str(path))
+    def used(self, key: str) -> None:
+        self.used_keys.append(key)
 
     def entry(self, image: str, blobs: dict[str, int], unused_args: Sequence[str]) -> dict[str, Any] | None:
         """The shortcut, or None when a path moved too recently to be trusted."""
@@ -174,7 +174,7 @@ class Witness:
         files = {path: _lstat(path) for path in sorted(self.paths)}
         if any(files.get(path) is None for path in self.required):
             return None  # gone since the build read it: the next build must say so
-        since = self.started_ns - _RACY_NS
+        since = self.started_ns - RACY_NS
         if any(sig is not None and max(sig[4], sig[5]) >= since for sig in files.values()):
             return None
         return {
@@ -182,7 +182,7 @@ class Witness:
             "files": files,
             "real": self.real,
             "records": self.records,
-            "used": self.used_records,
+            "used": self.used_keys,
             "blobs": blobs,
             "lines": self.lines,
             "unused_args": list(unused_args),
@@ -221,12 +221,11 @@ def run(argv: Sequence[str]) -> Answer | None:
         return None
     from builder.errors import BuilderError
     from builder.reference import reference_text, split_reference
-    from builder.store import Store
 
     store = Store(found.root)
     try:
         entry = store.get_memo(found.key)
-        if not isinstance(entry, dict) or not _holds(entry):
+        if not isinstance(entry, dict):
             return None
         names = [reference_text(*split_reference(tag)) for tag in found.tags]
         with store.lease():  # prune waits: the image stays whole until it is tagged
@@ -234,7 +233,8 @@ def run(argv: Sequence[str]) -> Answer | None:
                 return None
             for name in names:
                 store.set_tag(name, entry["image"], image_durable=True)
-            _touch(entry["used"])
+            for key in entry["used"]:  # as the build would have: prune keeps the recent ones
+                store.touch_cache(key)
             store.remove_stale_workdirs()  # as every build does: what killed ones left behind
     except (BuilderError, OSError, ValueError):
         return None
@@ -251,10 +251,3 @@ class Answer:
             self.log = warnings
         else:
             self.log = [*entry["lines"], *warnings, f"image {self.image} (0 steps run)"]
-
-
-def _touch(records: Iterable[str]) -> None:
-    """Mark the cache records as used, as the build would have: prune keeps the recent ones."""
-    for path in records:
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(path)

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
         def record(self, path: Path, data: bytes | None) -> None: ...
 
-        def used(self, path: Path) -> None: ...
+        def used(self, key: str) -> None: ...
 
 
 __all__ = ["BlobWriter", "Store", "default_root", "remove_tree", "unique_name"]
@@ -369,11 +369,10 @@ class Store:
 
     def touch_cache(self, key: str) -> None:
         """Mark a record as just used: prune keeps the most recently used ones."""
-        path = self.root / "cache" / f"{digest_hex(key)}.json"
         if self.read_log is not None:
-            self.read_log.used(path)
+            self.read_log.used(key)
         with contextlib.suppress(FileNotFoundError):
-            os.utime(path)
+            os.utime(self.root / "cache" / f"{digest_hex(key)}.json")
 
     def put_cache(self, key: str, record: dict[str, Any]) -> None:
         self._write_record(self.root / "cache" / f"{digest_hex(key)}.json", record)
