@@ -43,8 +43,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         print("interrupted", file=sys.stderr)
         code = 130  # as builder.cli's
     atexit._run_exitfuncs()
-    with contextlib.suppress(OSError):
-        sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):  # what a failed command printed before it failed
+        with contextlib.suppress(OSError):
+            stream.flush()
     os._exit(code)
 
 

@@ -23,6 +23,7 @@ from builder.errors import DockerfileError
 __all__ = [
     "GO_SPACE",
     "INSTRUCTIONS",
+    "WORD_SPACE",
     "Dockerfile",
     "Heredoc",
     "Instruction",
@@ -51,7 +52,7 @@ _DIRECTIVES = frozenset({"syntax", "escape", "check"})
 # Patterns are compiled on first use (re's own cache), not at import: most builds use few of them.
 # Go regexp \s is [\t\n\f\r ]; the value is right-stripped separately (a lazy match would backtrack).
 _DIRECTIVE = r"([a-zA-Z][a-zA-Z0-9]*)[\t\n\f\r ]*=[\t\n\f\r ]*(.*)"
-_WORD_SPACE = r"[\t\v\f\r ]+"
+WORD_SPACE = r"[\t\v\f\r ]+"  # between an instruction's words
 _GO_SPACE_RUN = f"[{re.escape(GO_SPACE)}]+"
 _HEREDOC_WORD = r"(\d*)<<(-?)[\t\n\f\r ]*([^<]*)"
 _BOM = "\ufeff"
@@ -296,7 +297,7 @@ class _Scanner:
 
 def _node(logical: str, line: int, error: _ErrorAt) -> Instruction:
     """Split a logical line into instruction word, flags and arguments (BuildKit's splitCommand)."""
-    word, *rest = re.split(_WORD_SPACE, logical, maxsplit=1)
+    word, *rest = re.split(WORD_SPACE, logical, maxsplit=1)
     keyword = word.upper()
     if keyword not in INSTRUCTIONS:
         raise error(f"unknown instruction {word}{suggest(keyword, INSTRUCTIONS)}", line)
@@ -481,7 +482,7 @@ def _unquote(text: str) -> tuple[list[str], bool]:
 
 def split_fields(text: str) -> list[str]:
     """Split on runs of spaces and tabs, as BuildKit splits FROM, EXPOSE, COPY and VOLUME."""
-    return [word for word in re.split(_WORD_SPACE, text) if word] if text else []
+    return [word for word in re.split(WORD_SPACE, text) if word] if text else []
 
 
 def split_words(text: str, escape: str) -> list[str]:

@@ -471,6 +471,8 @@ class StageExecutor:
                 run_copy(step, mounted.merged, self.context, src, self.workdir, users or mounted.merged)
         except BuilderError as exc:
             raise self._fail(step, str(exc)) from exc
+        except OSError as exc:  # the store's file system (heredoc files, the copy's writes)
+            raise self._fail(step, str(self.store.storage_error(exc))) from exc
 
     def _mkdir(self, step: WorkdirStep, mounted: Mounted) -> None:
         try:

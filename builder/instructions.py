@@ -18,6 +18,7 @@ from msgspec import Struct
 
 from builder.dockerfile import (
     GO_SPACE,
+    WORD_SPACE,
     Dockerfile,
     Heredoc,
     Instruction,
@@ -52,7 +53,6 @@ __all__ = [
 ]
 
 # Patterns are compiled on first use (re's own cache), not at import: most builds use few of them.
-_WORD_SPACE = r"[\t\v\f\r ]+"
 _STAGE_NAME = r"[a-z][a-z0-9\-_.]*"
 # Flag kinds: "string" once, "strings" repeatable, "bool" as --flag or --flag=true|false.
 _FLAGS: dict[str, dict[str, str]] = {
@@ -263,7 +263,7 @@ def _parse_pairs(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
     if not words:
         raise InvalidValue(f"{kw} needs at least one pair: {kw} NAME=VALUE ...")
     if "=" not in words[0]:
-        parts = re.split(_WORD_SPACE, ins.args, maxsplit=1)
+        parts = re.split(WORD_SPACE, ins.args, maxsplit=1)
         if len(parts) < 2:
             raise InvalidValue(f"{kw} {words[0]} has no value: {kw} NAME=VALUE.")
         return PairsCommand(ins, ((parts[0], parts[1]),), legacy=True)
@@ -347,7 +347,7 @@ def _parse_list(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
 
 
 def _parse_healthcheck(ins: Instruction, flags: Flags, df: Dockerfile) -> Command:
-    kind, *rest = re.split(_WORD_SPACE, ins.args, maxsplit=1) if ins.args else [""]
+    kind, *rest = re.split(WORD_SPACE, ins.args, maxsplit=1) if ins.args else [""]
     command = rest[0].lstrip(GO_SPACE) if rest else ""
     if kind.upper() == "NONE":
         if command or flags:

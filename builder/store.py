@@ -235,8 +235,8 @@ class Store:
         digest = sha256_digest(data)
         if not self.has_blob(digest):
             with self.blob_writer() as writer:
-                writer.write(data)
-                writer.commit(digest)
+                writer.file.write(data)
+                writer.commit_hashed(digest)  # hashed above
         return digest
 
     def read_blob(self, digest: str) -> bytes:
@@ -494,10 +494,15 @@ class Store:
             path = self.root / "tmp" / unique_name("build-")
             try:
                 path.mkdir(0o700)
-                fd = os.open(path / ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except FileExistsError:
                 continue
             except OSError as exc:
+                raise self.storage_error(exc) from exc
+            try:
+                fd = os.open(path / ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                with contextlib.suppress(OSError):  # without its lock no cleaner would take it for stale
+                    path.rmdir()
                 raise self.storage_error(exc) from exc
             fcntl.flock(fd, fcntl.LOCK_EX)
             if _names(path / ".lock", fd):
@@ -532,7 +537,9 @@ class Store:
                 if not _names(lock, fd):
                     continue  # removed by another cleaner since it was opened here: not ours
                 found.append(path)
-                if remove:
+                if remove and path.name.startswith("build-"):
+                    self._remove_workdir(path)
+                elif remove:
                     remove_tree(path)
             except BlockingIOError:
                 continue
