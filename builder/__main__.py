@@ -20,6 +20,7 @@ import atexit
 import contextlib
 import errno
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -27,6 +28,7 @@ from builder import shortcut
 
 TYPE_CHECKING = False  # typing only for the type checker: a shortcut never loads it
 if TYPE_CHECKING:
+    from types import FrameType
     from typing import NoReturn
 
 
@@ -36,17 +38,32 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     exit, then ``os._exit``. An exception that escapes the command (a bug, or argparse's exit
     for ``--help`` and usage errors) ends the process the usual way."""
     arguments = sys.argv[1:] if argv is None else list(argv)
-    try:
-        answer = shortcut.run(arguments)
-        code = _run_cli(arguments) if answer is None else _print(answer)
-    except KeyboardInterrupt:  # only while the shortcut runs: builder.cli catches its own
-        print("interrupted", file=sys.stderr)
-        code = 130  # as builder.cli's
+    code = _shortcut(arguments)
+    if code is None:
+        code = _run_cli(arguments)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):  # what a failed command printed before it failed
         with contextlib.suppress(OSError):
             stream.flush()
     os._exit(code)
+
+
+def _shortcut(arguments: list[str]) -> int | None:
+    """The exit status of a build its shortcut answered, or None: the command must run. Stopped
+    as builder.cli stops a command: SIGTERM as Ctrl-C, ``interrupted`` and 130."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        answer = shortcut.run(arguments)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return None if answer is None else _print(answer)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def _print(answer: shortcut.Answer) -> int:

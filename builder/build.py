@@ -293,9 +293,10 @@ def _leave_shortcut(
     """Leave the build's shortcut (the image's blobs first): only a cache, which a store that
     cannot take it loses."""
     with contextlib.suppress(StoreError, OSError):
-        paths = [store.blob_path(digest) for digest in digests]
-        blobs = {str(path): path.stat().st_size for path in paths}
-        entry = witness.entry(digests[0], blobs, unused)
+        for digest in digests:
+            path = store.blob_path(digest)
+            witness.blob(path, path.stat().st_size)
+        entry = witness.entry(digests[0], unused)
         if entry is not None:
             store.put_memo(key, entry)
 

@@ -47,7 +47,7 @@ _DEFAULT_CONFIG = "/etc/builder/config.yaml"
 # A path changed this shortly before a build started is not trusted as its lstat shows it: a
 # second write within the same clock tick would leave that as it was (git's "racily clean").
 RACY_NS = 2_000_000_000
-_FORMAT = 1
+_FORMAT = 2
 
 
 class Invocation:
@@ -83,7 +83,7 @@ def invocation(argv: Sequence[str]) -> Invocation | None:
     env = {name: value for name, value in os.environ.items() if name not in _SHELL_ENV}
     key = sha256_digest(
         json.dumps(
-            [_FORMAT, rest, str(root), os.getcwd(), sorted(env.items()), _code()],
+            [_FORMAT, rest, str(root), os.getcwd(), sorted(env.items()), os.uname().machine, _code()],
             ensure_ascii=False,
             separators=(",", ":"),
         ).encode("utf-8", "surrogateescape")
@@ -138,6 +138,7 @@ class Witness:
         self.required: set[str] = set()  # paths the build read, which must exist
         self.records: dict[str, str | None] = {}  # store records read: the digest of their bytes
         self.used_keys: list[str] = []  # cache records hit, marked used again by the shortcut
+        self.blobs: dict[str, int | None] = {}  # blobs looked for: their size (None: not there)
         self.lines: list[str] = []  # what the build logged
         self.sound = True  # False: the build reached something the shortcut cannot check
 
@@ -167,7 +168,10 @@ class Witness:
     def used(self, key: str) -> None:
         self.used_keys.append(key)
 
-    def entry(self, image: str, blobs: dict[str, int], unused_args: Sequence[str]) -> dict[str, Any] | None:
+    def blob(self, path: Path, size: int | None) -> None:
+        self.blobs.setdefault(str(path), size)
+
+    def entry(self, image: str, unused_args: Sequence[str]) -> dict[str, Any] | None:
         """The shortcut, or None when a path moved too recently to be trusted."""
         if not self.sound:
             return None
@@ -183,10 +187,19 @@ class Witness:
             "real": self.real,
             "records": self.records,
             "used": self.used_keys,
-            "blobs": blobs,
+            "blobs": self.blobs,
             "lines": self.lines,
             "unused_args": list(unused_args),
         }
+
+
+def _blob_size(path: str) -> int | None:
+    """A stored blob's size, or None when there is none (as Store.has_blob sees it)."""
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
 def _holds(entry: Any) -> bool:
@@ -203,10 +216,8 @@ def _holds(entry: Any) -> bool:
                 data = None
             if (None if data is None else sha256_hex(data)) != digest:
                 return False
-        for path, size in entry["blobs"].items():
-            info = os.stat(path)
-            if not stat.S_ISREG(info.st_mode) or info.st_size != size:
-                return False
+        if any(_blob_size(path) != size for path, size in entry["blobs"].items()):
+            return False
         texts = [entry["image"], *entry["lines"], *entry["unused_args"], *entry["used"]]
         return all(isinstance(text, str) for text in texts)
     except (OSError, KeyError, TypeError, AttributeError):

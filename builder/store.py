@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 
         def used(self, key: str) -> None: ...
 
+        def blob(self, path: Path, size: int | None) -> None: ...
+
 
 __all__ = ["BlobWriter", "Store", "default_root", "remove_tree", "unique_name"]
 
@@ -208,11 +210,16 @@ class Store:
 
     def has_blob(self, digest: str, size: int | None = None) -> bool:
         """Whether the blob is stored, and when ``size`` is given, whole (not cut by a power cut)."""
+        path = self.blob_path(digest)
         try:
-            st = self.blob_path(digest).stat()
+            st = path.stat()
         except (FileNotFoundError, NotADirectoryError):
-            return False
-        return stat.S_ISREG(st.st_mode) and size in (None, st.st_size)
+            found = None
+        else:
+            found = st.st_size if stat.S_ISREG(st.st_mode) else None
+        if self.read_log is not None:
+            self.read_log.blob(path, found)
+        return found is not None and size in (None, found)
 
     @contextlib.contextmanager
     def blob_writer(self) -> Iterator[BlobWriter]:
@@ -241,10 +248,13 @@ class Store:
 
     def read_blob(self, digest: str) -> bytes:
         """The blob's bytes, verified against its digest."""
+        path = self.blob_path(digest)
         try:
-            data = self.blob_path(digest).read_bytes()
+            data = path.read_bytes()
         except FileNotFoundError as exc:
             raise StoreError(f"blob {digest} is not in the store {self.root}.") from exc
+        if self.read_log is not None:
+            self.read_log.blob(path, len(data))
         if sha256_digest(data) != digest:
             raise StoreError(f"blob {digest} in {self.root} is corrupt: its content has another digest.")
         return data

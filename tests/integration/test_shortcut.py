@@ -4,6 +4,7 @@ context, the Dockerfile, a base image's tag or a cache record, runs the build ag
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ DOCKERFILE = (
 
 
 def _build(
-    store: Path, tmp_path: Path, context: Path, *args: str
+    store: Path, tmp_path: Path, context: Path, *args: str, check: bool = True
 ) -> tuple[subprocess.CompletedProcess[str], bool]:
     """Build; the result and whether the shortcut answered."""
     loaded = tmp_path / "loaded"
@@ -39,7 +40,7 @@ def _build(
         env={**os.environ, "BUILDER_ROOT": str(store)},
         capture_output=True,
         text=True,
-        check=True,
+        check=check,
     )
     return proc, loaded.read_text() == "False"
 
@@ -148,6 +149,18 @@ def test_a_pruned_image_is_built_again(store: Path, tmp_path: Path) -> None:
     assert not answered
     assert run_builder("inspect", "app:after", root=store).returncode == 0
     assert after.stdout.startswith("sha256:")
+
+
+def test_a_base_image_blob_gone_is_not_answered_for(store: Path, tmp_path: Path) -> None:
+    """The build reads the base image's config: without it, it fails, and so must the rebuild."""
+    context = _context(tmp_path)
+    _cached(store, tmp_path, context)
+    tag = json.loads((store / "tags" / "docker.io%2Flibrary%2Fbusybox%3Alatest").read_text())
+    manifest = json.loads((store / "blobs" / "sha256" / tag["manifest"].removeprefix("sha256:")).read_text())
+    (store / "blobs" / "sha256" / manifest["config"]["digest"].removeprefix("sha256:")).unlink()
+    after, answered = _build(store, tmp_path, context, "-q", check=False)
+    assert not answered
+    assert after.returncode == 1 and "is not in the store" in after.stderr
 
 
 def test_a_build_through_a_symlinked_source_leaves_no_shortcut(store: Path, tmp_path: Path) -> None:
