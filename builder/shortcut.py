@@ -6,7 +6,7 @@ these changed it assembles the same image. Such a build leaves a shortcut in the
 named by what else its result depends on: the command line (tags and ``-q`` aside), the working
 directory, the environment and builder's own code. The shortcut lists what the build looked at:
 each context path and the Dockerfile with what lstat said (device, inode, mode, size, mtime,
-ctime), each record and tag with the digest of its bytes, each blob of the image. The next run
+ctime), each record and tag with the digest of its bytes, each blob it looked for. The next run
 of the same command checks them all and, when none moved, tags the image and prints what the
 build printed, without loading the rest of builder or planning anything (bench/PROFILE.md).
 
